@@ -1,0 +1,157 @@
+"""One entry point: ``downscale <stage> CONFIG [key.path=value ...]``.
+
+Torch and friends are imported only by the stage that runs, so ``--help`` and config checks
+are fast. Bad input exits with status 2 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from downscale.pipeline import STAGE_NAMES
+
+STAGE_HELP = {
+    "data": "read the sources, shard by domain or cluster, train/load the tokenizer, pack token blocks",
+    "base": "load the base model, or build and pretrain the demo base",
+    "compress": "prune the base into n students of a target size",
+    "specialize": "distill each student from the base on its own shard",
+    "combine": "build the ensemble of specialized students",
+    "evaluate": "measure base, students and ensembles; write the report",
+}
+
+EPILOG = """\
+examples:
+  downscale run configs/demo.yaml                     every stage, skipping those already complete
+  downscale base configs/demo.yaml base.train.lr=3e-4 one stage, with an override
+  downscale status configs/demo.yaml                  what is complete, stale or missing
+  downscale config configs/demo.yaml run.seed=1       print the resolved config
+  downscale law --json                                the downscaling guarantee for LLaMA-3-8B
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="config overrides; they win over the YAML (e.g. base.train.max_steps=10)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="downscale",
+        description="Compress a big LM into small students, specialize each on a domain, combine them, "
+                    "and measure the ensemble against the base.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"downscale {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub.required = True
+
+    for name in STAGE_NAMES:
+        p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
+        _add_config_args(p)
+        p.add_argument("--force", action="store_true", help="run even if the stage is complete")
+        if name == "compress":
+            p.add_argument("--plan", action="store_true", help="print the student shape plan and exit (no weights)")
+            p.add_argument("--json", action="store_true", help="with --plan: print JSON")
+        if name == "specialize":
+            p.add_argument("--student", type=int, default=None, help="train only student i (parallel jobs)")
+
+    p = sub.add_parser("run", help="run every stage in order, skipping complete ones",
+                       description="Run the stages in order. A stage that is complete with the same config and "
+                                   "inputs is skipped; one whose config or inputs changed re-runs, and so does "
+                                   "everything after it.")
+    _add_config_args(p)
+    p.add_argument("--from", dest="start", choices=STAGE_NAMES, default=STAGE_NAMES[0], help="first stage")
+    p.add_argument("--to", dest="stop", choices=STAGE_NAMES, default=STAGE_NAMES[-1], help="last stage")
+    p.add_argument("--force", action="store_true", help="re-run every selected stage")
+
+    p = sub.add_parser("status", help="show which stages are complete, stale or missing")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("config", help="validate a config and print it resolved (defaults filled in)")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true")
+
+    sub.add_parser("law", help="the downscaling law, ensemble-law fits, Chinchilla", add_help=False)
+    return parser
+
+
+def _version() -> str:
+    from downscale import __version__
+
+    return __version__
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"downscale: error: {msg}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "law":  # the law command owns its own flags
+        try:
+            from downscale.law import law_cli
+        except ModuleNotFoundError:
+            return _fail("command 'law' is not built yet")
+        return law_cli(argv[1:])
+    args = build_parser().parse_args(argv)
+
+    from downscale.config import ConfigError, load_config
+    from downscale.pipeline import NotBuiltYet, StageError
+
+    try:
+        cfg = load_config(args.config, args.overrides, check_paths=args.command not in ("config", "status"))
+        return _dispatch(args, cfg)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except NotBuiltYet as exc:
+        return _fail(f"{exc}: its issue has not landed; nothing was written", code=2)
+    except StageError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        print("downscale: interrupted; complete stages are kept, the interrupted one resumes from its last "
+              "checkpoint", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, cfg) -> int:
+    from downscale import pipeline
+
+    if args.command == "config":
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2) if args.json else cfg.to_yaml(), end="")
+        return 0
+    if args.command == "status":
+        manifest = pipeline.load_manifest(cfg.run_dir)
+        rows = {s.name: pipeline.stage_status(cfg, s, manifest) for s in pipeline.STAGES}
+        if args.json:
+            print(json.dumps({k: {"status": v[0], "why": v[1]} for k, v in rows.items()}, indent=2))
+        else:
+            print(f"run directory: {cfg.run_dir}")
+            for name, (status, why) in rows.items():
+                print(f"  {name:<11} {status:<9} {why}")
+        return 0
+    if args.command == "compress" and args.plan:
+        try:
+            from downscale.stages.compress import plan_command
+        except ModuleNotFoundError:
+            raise pipeline.NotBuiltYet("stage 'compress' is not built yet") from None
+        return plan_command(cfg, as_json=args.json)
+    if args.command == "run":
+        i, j = STAGE_NAMES.index(args.start), STAGE_NAMES.index(args.stop)
+        if i > j:
+            return _fail(f"--from {args.start} comes after --to {args.stop}")
+        pipeline.run_all(cfg, STAGE_NAMES[i:j + 1], force=args.force)
+        return 0
+    kwargs = {}
+    if args.command == "specialize" and args.student is not None:
+        kwargs["student"] = args.student
+    pipeline.run_stage(cfg, args.command, force=args.force, **kwargs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

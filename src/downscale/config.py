@@ -1,0 +1,438 @@
+"""The typed schema of one experiment, read from YAML with ``key.path=value`` overrides.
+
+Precedence: schema defaults < YAML file < command-line overrides. Every error (an unknown
+key, a wrong type, a value out of range, a missing input file) is raised as a ``ConfigError``
+whose message is one line naming the file (or the command line), the key path, what was
+expected and what was given. The CLI prints that line and exits with status 2.
+
+This module imports only pydantic and yaml so that ``downscale --help`` and config checks
+stay fast.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config value. ``str(err)`` is the one line shown to the user."""
+
+    def __init__(self, source: str, key: str, expected: str, given: Any = None):
+        self.source, self.key, self.expected, self.given = source, key, expected, given
+        msg = f"{source}: {key}: {expected}"
+        if given is not None:
+            msg += f"; got {_short(given)}"
+        super().__init__(msg)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- run
+
+
+class RunConfig(_Section):
+    name: str | None = Field(None, description="Experiment name; defaults to the config file's stem.")
+    dir: str | None = Field(None, description="Run directory; defaults to runs/<name>.")
+    seed: int = Field(0, ge=0, description="Seed for splits, initialisation, sampling and training order.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run; auto picks cuda if present.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast precision for training and evaluation; auto: bf16 where supported, else fp32."
+    )
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's own choice.")
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SourceConfig(_Section):
+    """One source of documents. With ``data.shard_by: source`` each source is one domain shard."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Shard / domain label (a folder name).")
+    kind: Literal["builtin", "local", "hf"] = Field(..., description="builtin corpus, local files, or a datasets hub id.")
+    builtin: Literal["python_code", "english_docs", "legal"] | None = Field(
+        None, description="kind=builtin: which embedded domain."
+    )
+    paths: list[str] = Field(default_factory=list, description="kind=local: files or globs (.txt, .jsonl, .parquet).")
+    dataset: str | None = Field(None, description="kind=hf: datasets hub id or local dataset folder.")
+    subset: str | None = Field(None, description="kind=hf: dataset config name.")
+    split: str = Field("train", description="kind=hf: split to read.")
+    text_field: str = Field("text", description="Field holding the text (jsonl, parquet, hf).")
+    max_documents: int | None = Field(None, ge=1, description="Read at most this many documents.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Token budget of this shard's train split (overrides data.max_tokens_per_shard)."
+    )
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> SourceConfig:
+        if self.kind == "builtin" and self.builtin is None:
+            raise ValueError("kind 'builtin' needs the field 'builtin' (python_code, english_docs or legal)")
+        if self.kind == "local" and not self.paths:
+            raise ValueError("kind 'local' needs a non-empty 'paths' list")
+        if self.kind == "hf" and not self.dataset:
+            raise ValueError("kind 'hf' needs the field 'dataset'")
+        return self
+
+
+class ClusterConfig(_Section):
+    k: int = Field(4, ge=2, description="Number of clusters (shards) in cluster mode.")
+    svd_dim: int = Field(64, ge=2, description="Truncated-SVD dimension after tf-idf.")
+    max_features: int = Field(20000, ge=16, description="tf-idf vocabulary size.")
+    fit_documents: int = Field(20000, ge=2, description="At most this many documents are used to fit the clusterer.")
+
+
+class TokenizerConfig(_Section):
+    kind: Literal["bpe", "base"] = Field("bpe", description="bpe: train a ByteLevel BPE; base: the base model's.")
+    vocab_size: int = Field(8192, ge=260, description="Vocabulary size of the trained BPE.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency of the trained BPE.")
+    train_chars: int = Field(8_000_000, ge=1000, description="At most this many characters train the BPE.")
+
+
+class DataConfig(_Section):
+    sources: list[SourceConfig] = Field(..., min_length=1, description="Where documents come from.")
+    shard_by: Literal["source", "cluster"] = Field(
+        "source", description="source: one shard per source; cluster: k-means shards of all documents (c-BTM)."
+    )
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    block_size: int = Field(256, ge=8, description="Tokens per packed block (the context length of every model).")
+    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="Fraction of documents held out for validation.")
+    test_fraction: float = Field(0.05, gt=0, lt=0.5, description="Fraction of documents held out for test.")
+    max_tokens_per_shard: int | None = Field(None, ge=1, description="Token budget of each shard's train split.")
+    max_eval_tokens_per_shard: int | None = Field(
+        None, ge=1, description="Token budget of each shard's val and test splits."
+    )
+    min_doc_chars: int = Field(16, ge=1, description="Documents shorter than this are dropped.")
+    on_bad_utf8: Literal["skip", "fail"] = Field("skip", description="Non-UTF-8 input: skip and count, or fail.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DataConfig:
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dup)}")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must be below 0.9")
+        return self
+
+
+# --------------------------------------------------------------------------- training (shared)
+
+
+class TrainConfig(_Section):
+    """The shared training loop (base pretraining, specialization, the control)."""
+
+    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Blocks per micro-batch per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak (cosine).")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not applied to norms and biases).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null turns it off.")
+    eval_every: int = Field(50, ge=1, description="Validate every N steps (and at the end).")
+    eval_batches: int = Field(8, ge=1, description="Micro-batches per shard per validation.")
+    save_every: int = Field(100, ge=1, description="Checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
+
+
+# --------------------------------------------------------------------------- base
+
+
+class ModelInitConfig(_Section):
+    """A model built from scratch (the demo's base)."""
+
+    arch: Literal["llama", "qwen2", "mistral"] = Field("llama", description="transformers architecture family.")
+    hidden_size: int = Field(256, ge=8)
+    intermediate_size: int = Field(704, ge=8)
+    num_layers: int = Field(6, ge=1)
+    num_heads: int = Field(8, ge=1)
+    num_kv_heads: int = Field(4, ge=1)
+    head_dim: int | None = Field(None, ge=2, description="Defaults to hidden_size / num_heads.")
+    tie_word_embeddings: bool = Field(True)
+    rope_theta: float = Field(10000.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelInitConfig:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class BaseConfig(_Section):
+    name_or_path: str | None = Field(None, description="Hub id or local HF folder of the base; null: build from init.")
+    revision: str | None = Field(None, description="Hub revision of name_or_path.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="dtype the base is loaded in.")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub (off by default).")
+    init: ModelInitConfig = Field(default_factory=ModelInitConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- compress
+
+
+class ShapeConfig(_Section):
+    """An explicit student shape; any field left null is chosen by the planner."""
+
+    hidden_size: int | None = Field(None, ge=8)
+    intermediate_size: int | None = Field(None, ge=8)
+    num_heads: int | None = Field(None, ge=1)
+    num_kv_heads: int | None = Field(None, ge=1)
+    num_layers: int | None = Field(None, ge=1)
+
+
+class CompressConfig(_Section):
+    num_students: int = Field(3, ge=1, description="How many students (one per shard by default).")
+    target_params: float | None = Field(
+        0.5, gt=0, description="Parameter target: a fraction of the base if <= 1, else an absolute count."
+    )
+    shape: ShapeConfig = Field(default_factory=ShapeConfig, description="Explicit shape (overrides the planner).")
+    importance: Literal["magnitude", "activation", "taylor"] = Field("activation")
+    calibration: Literal["own_shard", "all_shards"] = Field("own_shard", description="Calibration text per student.")
+    calibration_sequences: int = Field(64, ge=1)
+    head_mode: Literal["within_groups", "whole_groups"] = Field(
+        "within_groups", description="GQA head pruning: query heads inside each KV group, or whole KV groups."
+    )
+    round_to: int = Field(8, ge=1, description="Hidden and MLP sizes are rounded down to a multiple of this.")
+    prune_depth: bool = Field(False, description="Allow removing whole decoder layers.")
+    rounds: int = Field(1, ge=1, description="Iterative pruning rounds.")
+    max_cut_per_round: float = Field(0.5, gt=0, le=1, description="Largest parameter fraction cut in one round.")
+    norm_rescale: bool = Field(True, description="Rescale RMSNorm weights after hidden pruning.")
+
+
+# --------------------------------------------------------------------------- specialize
+
+
+class SpecializeConfig(_Section):
+    kd_ratio: float = Field(0.5, ge=0, le=1, description="loss = kd_ratio * KD + (1 - kd_ratio) * CE.")
+    kd_loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] = Field("forward_kl")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="Generalized JSD interpolation (strictly between 0 and 1).")
+    skew_alpha: float = Field(0.1, gt=0, lt=1, description="Skew forward KL mixing weight.")
+    temperature: float = Field(1.0, gt=0)
+    teacher: Literal["online", "cache"] = Field("online")
+    teacher_quant: Literal["none", "8bit", "4bit"] = Field("none")
+    cache_top_k: int = Field(64, ge=1)
+    lora: bool = Field(False)
+    lora_rank: int = Field(16, ge=1)
+    replay_fraction: float = Field(0.0, ge=0, lt=1)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- combine / evaluate
+
+
+class CombineConfig(_Section):
+    modes: list[Literal["logit_mean", "prob_mean", "routed", "weighted"]] = Field(
+        default_factory=lambda: ["logit_mean", "prob_mean", "routed"]
+    )
+    router: Literal["bayes", "cluster"] = Field("bayes")
+    router_prefix: int = Field(32, ge=1, description="Prefix tokens the router sees.")
+    router_temperature: float = Field(1.0, gt=0)
+    router_top_k: int | None = Field(None, ge=1)
+    weights: list[float] | None = Field(None, description="Fixed weights for mode 'weighted'.")
+
+
+class EvaluateConfig(_Section):
+    max_test_tokens_per_shard: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    control: bool = Field(True, description="Train a compute-matched control from the base.")
+    device_watts: float = Field(700.0, gt=0, description="Device power for the energy estimate.")
+    grid_gco2_per_kwh: float = Field(400.0, ge=0, description="Grid carbon intensity for the CO2 estimate.")
+
+
+# --------------------------------------------------------------------------- experiment
+
+
+class ExperimentConfig(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig
+    base: BaseConfig = Field(default_factory=BaseConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+    specialize: SpecializeConfig = Field(default_factory=SpecializeConfig)
+    combine: CombineConfig = Field(default_factory=CombineConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    # Where the config came from; not part of the schema.
+    _source: str = "<config>"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir or f"runs/{self.run.name}")
+
+    def section_hash(self, *keys: str) -> str:
+        """Stable hash of the named config parts (dotted paths such as ``data`` or ``run.seed``):
+        what a stage depends on."""
+        dump = self.model_dump(mode="json")
+        payload = {}
+        for key in keys:
+            node: Any = dump
+            for part in key.split("."):
+                node = node[part]
+            payload[key] = node
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (['a', 'b', 'c'], parsed value). The value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError("command line", text, "expected an override of the form key.path=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError("command line", key, "expected a dotted key path such as base.train.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _set_path(tree: dict, parts: list[str], value: Any, origin: str) -> None:
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(origin, ".".join(parts[: i + 1]), f"expected a list index below {len(node)}", part)
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(origin, ".".join(parts[:i]), "is not a section", node)
+        node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(origin, ".".join(parts), f"expected a list index below {len(node)}", last)
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(origin, ".".join(parts[:-1]), "is not a section", node)
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def _describe(err: dict) -> tuple[str, str, Any]:
+    """Turn one pydantic error into (key path, expected, given)."""
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    kind, msg = err["type"], err["msg"]
+    given = err.get("input")
+    if kind == "extra_forbidden":
+        return _loc(loc), "unknown key", None
+    if kind == "missing":
+        return _loc(loc), "required key is missing", None
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        return _loc(loc), msg, None
+    if kind == "literal_error":
+        return _loc(loc), "expected " + msg.removeprefix("Input should be "), given
+    return _loc(loc), "expected " + msg[0].lower() + msg[1:].removeprefix("input should be "), given
+
+
+def _origin_of(key: str, overrides: list[tuple[list[str], Any, str]], file: str) -> str:
+    for parts, _, text in reversed(overrides):
+        joined = ".".join(parts)
+        if key == joined or key.startswith(joined + ".") or joined.startswith(key + "."):
+            return f"command line ({text})"
+    return file
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True) -> ExperimentConfig:
+    """Read a YAML experiment, apply ``key.path=value`` overrides, validate, fill defaults.
+
+    Raises ``ConfigError`` (one line) on any problem. ``check_paths`` verifies that local
+    input files exist.
+    """
+    path = Path(path)
+    file = str(path)
+    if not path.is_file():
+        raise ConfigError(file, "<file>", "config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(file, "<file>", f"expected valid UTF-8 YAML{line}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(file, "<root>", "expected a mapping of sections", type(tree).__name__)
+    parsed = [(*parse_override(o), o) for o in overrides]
+    for parts, value, text in parsed:
+        _set_path(tree, parts, value, f"command line ({text})")
+    tree.setdefault("run", {})
+    if isinstance(tree["run"], dict) and not tree["run"].get("name"):
+        tree["run"]["name"] = path.stem
+    try:
+        cfg = ExperimentConfig.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key, expected, given = _describe(err)
+        raise ConfigError(_origin_of(key, parsed, file), key, expected, given) from None
+    cfg._source = file
+    if check_paths:
+        check_input_paths(cfg)
+    return cfg
+
+
+def check_input_paths(cfg: ExperimentConfig) -> None:
+    """Every local input the config names must exist: one ConfigError naming the first that does not."""
+    for i, src in enumerate(cfg.data.sources):
+        if src.kind != "local":
+            continue
+        for j, pattern in enumerate(src.paths):
+            if not glob.glob(pattern, recursive=True):
+                raise ConfigError(cfg._source, f"data.sources.{i}.paths.{j}", "expected existing files", pattern)
+    base = cfg.base.name_or_path
+    if base and (base.startswith((".", "/", "~")) or Path(base).exists()):
+        if not (Path(base).expanduser() / "config.json").is_file():
+            raise ConfigError(cfg._source, "base.name_or_path", "expected a Hugging Face model folder", base)
+
+
+def config_field_docs() -> list[tuple[str, str, str, str]]:
+    """(key path, type, default, description) for every field: the README's config reference."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if sub is not None:
+                walk(sub, f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            rows.append((prefix + name, _type_name(ann), default, field.description or ""))
+
+    walk(ExperimentConfig, "")
+    return rows
+
+
+def _type_name(ann: Any) -> str:
+    text = str(ann).replace("typing.", "")
+    return text.replace("<class '", "").replace("'>", "")
+
+
