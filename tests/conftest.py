@@ -39,3 +39,9 @@ def _torch_threads():
         return
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+# tests/ on sys.path, so that tests can ``from tiny import ...``.
+import sys as _sys  # noqa: E402
+
+_sys.path.insert(0, os.path.dirname(__file__))

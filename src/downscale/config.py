@@ -201,7 +201,9 @@ class ShapeConfig(_Section):
 
 
 class CompressConfig(_Section):
-    num_students: int = Field(3, ge=1, description="How many students (one per shard by default).")
+    num_students: int | None = Field(
+        None, ge=1, description="How many students; null: one per shard. Student i specializes on shard i."
+    )
     target_params: float | None = Field(
         0.5, gt=0, description="Parameter target: a fraction of the base if <= 1, else an absolute count."
     )
@@ -273,6 +275,23 @@ class ExperimentConfig(_Section):
 
     # Where the config came from; not part of the schema.
     _source: str = "<config>"
+
+    @model_validator(mode="after")
+    def _students_match_shards(self) -> ExperimentConfig:
+        n = self.num_shards
+        if self.compress.num_students is not None and self.compress.num_students != n:
+            raise ValueError(f"compress.num_students ({self.compress.num_students}) must equal the number of "
+                             f"shards ({n}): student i specializes on shard i")
+        return self
+
+    @property
+    def num_shards(self) -> int:
+        """Shards the data stage will write: one per source, or cluster.k in cluster mode."""
+        return self.data.cluster.k if self.data.shard_by == "cluster" else len(self.data.sources)
+
+    @property
+    def num_students(self) -> int:
+        return self.compress.num_students or self.num_shards
 
     @property
     def run_dir(self) -> Path:
