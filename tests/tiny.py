@@ -112,3 +112,48 @@ def train_briefly(model, blocks: np.ndarray, steps: int = 60, lr: float = 3e-3, 
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def tiny_experiment(tmp_path: str | Path, shards: tuple[str, ...] = ("code", "legal", "prose"), **sections):
+    """An ExperimentConfig for a run in ``tmp_path / "run"`` with a tiny base; ``sections`` override
+    top-level sections (dicts merged one level deep)."""
+    from downscale.config import ExperimentConfig
+
+    tree = {
+        "run": {"name": "tiny", "dir": str(Path(tmp_path) / "run"), "seed": 0, "precision": "fp32"},
+        "data": {"sources": [{"name": s, "kind": "builtin", "builtin": "python_code"} for s in shards],
+                 "block_size": 32},
+        "base": {"init": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
+                          "num_kv_heads": 2},
+                 "train": {"max_steps": 6, "batch_size": 4, "lr": 3e-3, "warmup_steps": 1, "eval_every": 3,
+                           "eval_batches": 1, "save_every": 2, "log_every": 1}},
+    }
+    for key, val in sections.items():
+        tree[key] = {**tree.get(key, {}), **val} if isinstance(val, dict) else val
+    return ExperimentConfig.model_validate(tree)
+
+
+def mark_complete(cfg, stage_name: str) -> None:
+    """Record ``stage_name`` as complete in the run's manifest, as pipeline.run_stage would after writing
+    its outputs (which must already exist under the run directory)."""
+    from downscale import pipeline
+    from downscale._io import dir_fingerprint
+
+    stage = pipeline.get_stage(stage_name)
+    manifest = pipeline.load_manifest(cfg.run_dir)
+    entry = {"status": "complete", "started": "", "ended": f"test-{stage_name}",
+             "config_hash": cfg.section_hash(*stage.depends_on),
+             "inputs": pipeline._inputs(cfg.run_dir, stage, manifest),
+             "outputs": {o: dir_fingerprint(cfg.run_dir / o) for o in stage.outputs}, "seed": cfg.run.seed}
+    pipeline._update_entry(cfg.run_dir, stage_name, entry)
+
+
+def fake_data_run(tmp_path: str | Path, n_docs: int = 40, **sections):
+    """A tiny experiment whose data stage is faked (tokenizer + blocks from synthetic domains) and
+    marked complete. Returns the config."""
+    cfg = tiny_experiment(tmp_path, **sections)
+    shards = {name: domain_text(dom, n_docs, seed=i) for i, (name, dom) in
+              enumerate(zip([s.name for s in cfg.data.sources], WORDS, strict=False))}
+    make_run_data(cfg.run_dir, shards, block_size=cfg.data.block_size)
+    mark_complete(cfg, "data")
+    return cfg

@@ -202,3 +202,33 @@ def block_nll(model, tokens: torch.Tensor, device: torch.device, amp: torch.dtyp
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [B, T-1]
     return float(nll.sum()), int(nll.numel())
+
+
+@torch.no_grad()
+def mean_nll(model, blocks, batch_size: int, device: torch.device, amp: torch.dtype | None = None,
+             max_batches: int | None = None) -> tuple[float, int]:
+    """Mean next-token NLL (nats per predicted token) over packed ``blocks`` [N, T], and the token count.
+
+    Blocks are taken in order (deterministic); ``max_batches`` caps the work. NLL is pooled over
+    tokens, never averaged over batches.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    n = len(blocks) if max_batches is None else min(len(blocks), max_batches * batch_size)
+    for start in range(0, n, batch_size):
+        chunk = torch.as_tensor(np.asarray(blocks[start:min(n, start + batch_size)], dtype=np.int64))
+        s, c = block_nll(model, chunk, device, amp)
+        total, count = total + s, count + c
+    if was_training:
+        model.train()
+    return (total / count if count else float("nan")), count
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars and info logs (our own bars say what runs)."""
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()

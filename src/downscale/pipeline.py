@@ -170,6 +170,8 @@ def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callab
             raise NotBuiltYet(f"stage '{name}' is not built yet") from None
         raise
     inputs = _inputs(run_dir, stage, manifest)
+    if not is_main_process():
+        return _run_as_worker(cfg, stage, module, log, **kwargs)
     _write_resolved_config(cfg)
     staging = run_dir / ".staging" / name
     if staging.exists():
@@ -210,6 +212,26 @@ def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callab
     _update_entry(run_dir, name, entry)
     log(f"[{name}] complete in {entry['seconds']:.1f}s")
     return entry
+
+
+def is_main_process() -> bool:
+    """False on the non-zero ranks of an ``accelerate launch`` / ``torchrun`` job."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _run_as_worker(cfg: ExperimentConfig, stage: Stage, module: Any, log: Callable[[str], None],
+                   **kwargs: Any) -> dict:
+    """A non-zero rank runs the stage (it takes part in the collective training) with a private
+    staging folder it then discards; the manifest and the outputs belong to rank 0."""
+    rank = int(os.environ.get("RANK", "0"))
+    staging = cfg.run_dir / ".staging" / f"{stage.name}.rank{rank}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    ctx = StageContext(cfg=cfg, run_dir=cfg.run_dir, staging=staging, stage=stage.name, log=lambda msg: None)
+    try:
+        return module.run(ctx, **kwargs) or {}
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def run_all(cfg: ExperimentConfig, stages: tuple[str, ...] = STAGE_NAMES, force: bool = False,

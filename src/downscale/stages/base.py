@@ -1,0 +1,201 @@
+"""Base stage: the uncompressed model everything is measured against.
+
+Either import ``base.name_or_path`` (a local HF folder or a hub id) into ``<run>/base/``, or build
+a model from ``base.init`` and pretrain it on the union of the shards (the embedded demo). Both
+end with the base's validation loss per shard, written to ``<run>/base/train_summary.json`` next
+to each shard's unigram entropy (the loss of a model that knows only token frequencies: a base
+that has learnt anything real is well below it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from downscale._io import read_json
+from downscale.data.blocks import data_meta, open_split
+from downscale.pipeline import StageContext, StageError
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+FILE_PATTERNS = ("config.json", "generation_config.json", *WEIGHT_PATTERNS, "tokenizer*", "special_tokens_map.json",
+                 "vocab.json", "merges.txt", "*.model", "chat_template*")
+
+
+def run(ctx: StageContext) -> dict:
+    import torch
+
+    from downscale import models
+
+    cfg = ctx.cfg
+    models.quiet_transformers()
+    models.configure_threads(cfg.run.threads)
+    device = models.resolve_device(cfg.run.device)
+    amp = models.autocast_dtype(cfg.run.precision, device)
+    meta = data_meta(ctx.run_dir)
+    if cfg.base.name_or_path:
+        model, summary = _import(ctx, device, amp)
+    else:
+        if device.type == "cpu":
+            models.tune_cpu_allocator()
+        model, summary = _pretrain(ctx, meta, device, amp)
+    summary["val_loss"] = validation_losses(model, ctx.run_dir, meta["shards"], cfg.base.train.batch_size,
+                                            cfg.base.train.eval_batches, device, amp)
+    summary["unigram_entropy"] = {s: _shard_meta(ctx.run_dir, s).get("unigram_entropy") for s in meta["shards"]}
+    summary["params"] = models.count_params(model)
+    summary["model_type"] = model.config.model_type
+    _log_table(ctx, summary)
+    if _is_main():
+        out = ctx.output("base")
+        if cfg.base.name_or_path:
+            from downscale._io import write_json_atomic
+
+            write_json_atomic(out / "train_summary.json", summary)
+        else:
+            model.config.use_cache = True
+            models.save_causal_lm(model, out, tokenizer_dir=ctx.run_dir / "tokenizer",
+                                  extra_files={"train_summary.json": summary})
+            shutil.copy2(ctx.work_dir() / "metrics.jsonl", out / "metrics.jsonl")
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {k: summary[k] for k in ("params", "val_loss", "unigram_entropy") if k in summary} | {
+        k: summary[k] for k in ("tokens", "seconds", "tokens_per_s") if k in summary}
+
+
+# --------------------------------------------------------------------------- pretraining (the demo)
+
+
+def _pretrain(ctx: StageContext, meta: dict, device, amp) -> tuple[Any, dict]:
+    from downscale import models, train
+
+    cfg, tcfg = ctx.cfg, ctx.cfg.base.train
+    vocab = int(meta["vocab_size"])
+    eos = int(meta["eos_token_id"])
+    model = models.build_model(cfg.base.init, vocab_size=vocab, max_positions=int(meta["block_size"]),
+                               bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, seed=cfg.run.seed)
+    model.config.use_cache = False
+    work = ctx.work_dir()
+    accelerator = train.make_accelerator(device, amp, tcfg.report_to, project_dir=work)
+    if tcfg.report_to != "none":
+        accelerator.init_trackers(f"{cfg.run.name}-base", config=cfg.model_dump(mode="json")["base"])
+    shards = meta["shards"]
+    sources = [open_split(ctx.run_dir, s, "train") for s in shards]
+    sampler = train.BlockSampler(sources, tcfg.batch_size * tcfg.grad_accum * accelerator.num_processes,
+                                 seed=cfg.run.seed)
+    n_params = models.count_params(model)
+    ctx.log(f"[base] pretraining a {cfg.base.init.arch} of {n_params / 1e6:.2f}M parameters on "
+            f"{sum(len(s) for s in sources)} blocks of {meta['block_size']} tokens from {len(shards)} shards "
+            f"({tcfg.max_steps} steps x {sampler.global_batch} blocks; precision {amp or 'fp32'})")
+
+    def validate(m) -> dict[str, float]:
+        losses = validation_losses(m, ctx.run_dir, shards, tcfg.batch_size, tcfg.eval_batches, accelerator.device,
+                                   amp)
+        return {f"loss/{k}": v for k, v in losses.items()}
+
+    result = train.fit(model, cfg=tcfg, sampler=sampler, loss_fn=train.causal_lm_loss, work_dir=work,
+                       accelerator=accelerator, validate=validate, desc="base", log=ctx.log,
+                       config_hash=ctx.cfg.section_hash("run.seed", "run.precision", "base"))
+    model = accelerator.unwrap_model(model)
+    summary = {"tokens": result.tokens, "steps": result.steps, "seconds": round(result.seconds, 2),
+               "tokens_per_s": round(result.tokens_per_s, 1), "resumed_from": result.resumed_from,
+               "peak_memory_mb": round(result.peak_memory_mb or 0, 1), "peak_memory_kind": result.peak_memory_kind,
+               "precision": str(amp).removeprefix("torch.") if amp else "fp32", "world_size": accelerator.num_processes}
+    return model, summary
+
+
+# --------------------------------------------------------------------------- importing a pretrained base
+
+
+def _import(ctx: StageContext, device, amp) -> tuple[Any, dict]:
+    from transformers import AutoConfig
+
+    from downscale import models
+
+    cfg = ctx.cfg.base
+    src = resolve_model_folder(cfg.name_or_path, cfg.revision)
+    try:
+        hf_config = AutoConfig.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
+        models.model_arch(hf_config)
+    except ValueError as exc:
+        raise StageError(f"{ctx.cfg._source}: base.name_or_path: {exc}") from None
+    out = ctx.output("base")
+    out.mkdir(parents=True, exist_ok=True)
+    has_safetensors = any(src.glob("*.safetensors"))
+    if has_safetensors:
+        for pattern in FILE_PATTERNS:
+            for f in src.glob(pattern):
+                if f.is_file():
+                    _link_or_copy(f, out / f.name)
+    model = models.load_causal_lm(src, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code,
+                                  revision=None)
+    if not has_safetensors:  # convert (.bin is read with weights_only=True by transformers) to safetensors
+        models.save_causal_lm(model, out)
+    for f in (ctx.run_dir / "tokenizer").iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    tok_vocab = int(data_meta(ctx.run_dir)["vocab_size"])
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < tok_vocab:
+        raise StageError(f"{ctx.cfg._source}: base.name_or_path: the model has {rows} embedding rows but the run's "
+                         f"tokenizer has {tok_vocab} tokens; use data.tokenizer.kind: base")
+    ctx.log(f"[base] imported {cfg.name_or_path} ({models.count_params(model) / 1e9:.3f}B parameters) from {src}")
+    return model, {"source": str(cfg.name_or_path), "revision": cfg.revision}
+
+
+def resolve_model_folder(name_or_path: str, revision: str | None = None) -> Path:
+    """A local folder for a local path or hub id (the hub is only asked when the path does not exist)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise StageError(f"{path}: base.name_or_path: not a Hugging Face model folder (no config.json)")
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=list(FILE_PATTERNS) + ["*.bin"]))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated model: one line for the user
+        raise StageError(f"base.name_or_path: cannot get {name_or_path!r} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]})") from None
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src.resolve(), dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def validation_losses(model, run_dir: Path, shards: list[str], batch_size: int, max_batches: int, device,
+                      amp) -> dict[str, float]:
+    """Mean next-token loss on each shard's val split (first ``max_batches`` batches) and pooled by tokens."""
+    from downscale.models import mean_nll
+
+    out, total, count = {}, 0.0, 0
+    for shard in shards:
+        loss, n = mean_nll(model, open_split(run_dir, shard, "val"), batch_size, device, amp, max_batches)
+        out[shard] = loss
+        total, count = total + loss * n, count + n
+    out["pooled"] = total / count if count else float("nan")
+    return out
+
+
+def _shard_meta(run_dir: Path, shard: str) -> dict:
+    path = run_dir / "data" / shard / "meta.json"
+    return read_json(path) if path.exists() else {}
+
+
+def _log_table(ctx: StageContext, summary: dict) -> None:
+    ctx.log("[base] validation loss per shard (nats/token) vs the shard's unigram entropy:")
+    for shard, loss in summary["val_loss"].items():
+        ent = summary["unigram_entropy"].get(shard)
+        extra = f"   unigram entropy {ent:.3f}" if isinstance(ent, float) else ""
+        ctx.log(f"  {shard:<12} {loss:.3f}{extra}")
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

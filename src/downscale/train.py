@@ -1,0 +1,404 @@
+"""The one training loop: base pretraining, specialization (distillation), and the compute-matched control.
+
+Built on accelerate, so the same code runs in one process (CPU or GPU) and under
+``accelerate launch`` (DDP, FSDP). What it does each optimizer step:
+
+    global batch = batch_size x grad_accum x world_size blocks, a pure function of (seed, step)
+    for each of grad_accum micro-batches (this rank's rows): loss_fn -> backward (no DDP sync until the last)
+    clip -> NaN/inf guard -> AdamW step with the cosine-with-warm-up learning rate of this step
+
+Exact resume: a checkpoint (every ``save_every`` steps, atomically written, the newest
+``keep_checkpoints`` kept) holds the trainable parameters and the AdamW state as safetensors and
+the step, token count and RNG state as JSON. Because the batch of step s depends only on the
+seed and s, and the learning rate only on s, a run killed and restarted ends with the same
+weights as one that was never interrupted. No pickle is written or read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from downscale._io import write_json_atomic
+
+CKPT_PREFIX = "step-"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------- data order
+
+
+class BlockSampler:
+    """Deterministic batches of packed blocks from one or more sources.
+
+    ``fractions=None``: every batch is drawn from the union of the sources (one epoch-wise
+    permutation over all blocks). Otherwise source i contributes ``round(fractions[i] * batch)``
+    rows of every batch (the first source takes the remainder), each source cycling through its
+    own epoch-wise permutations: that is how replay of other shards is mixed in. Row r of the
+    batch of step s is the same whatever the world size, so runs with the same global batch see
+    the same data.
+    """
+
+    def __init__(self, sources: Sequence[np.ndarray], global_batch: int, seed: int,
+                 fractions: Sequence[float] | None = None):
+        self.sources = [s for s in sources]
+        if not self.sources or any(len(s) == 0 for s in self.sources):
+            raise ValueError("every source of blocks must be non-empty")
+        self.global_batch = global_batch
+        self.seed = seed
+        if fractions is None:
+            self.counts = None
+            self._offsets = np.cumsum([0] + [len(s) for s in self.sources])
+        else:
+            if len(fractions) != len(self.sources):
+                raise ValueError("one fraction per source")
+            counts = [int(round(f * global_batch)) for f in fractions]
+            counts[0] = global_batch - sum(counts[1:])
+            if counts[0] < 1:
+                raise ValueError("the first source must get at least one row of every batch")
+            self.counts = counts
+        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def _perm(self, source: int, epoch: int, n: int) -> np.ndarray:
+        key = (source, epoch)
+        if key not in self._perm_cache:
+            if len(self._perm_cache) > 16:
+                self._perm_cache.clear()
+            rng = np.random.default_rng([self.seed, source, epoch])
+            self._perm_cache[key] = rng.permutation(n)
+        return self._perm_cache[key]
+
+    def _take(self, source: int, n_total: int, start: int, count: int) -> np.ndarray:
+        pos = np.arange(start, start + count)
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(pos // n_total):
+            sel = pos // n_total == epoch
+            out[sel] = self._perm(source, int(epoch), n_total)[pos[sel] % n_total]
+        return out
+
+    def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source id, block index) of every row of the global batch of ``step``."""
+        if self.counts is None:
+            n_total = int(self._offsets[-1])
+            flat = self._take(0, n_total, step * self.global_batch, self.global_batch)
+            src = np.searchsorted(self._offsets, flat, side="right") - 1
+            return src, flat - self._offsets[src]
+        srcs, idxs = [], []
+        for i, (source, count) in enumerate(zip(self.sources, self.counts, strict=True)):
+            if count:
+                srcs.append(np.full(count, i))
+                idxs.append(self._take(i, len(source), step * count, count))
+        return np.concatenate(srcs), np.concatenate(idxs)
+
+    def batch(self, step: int, rows: slice | None = None) -> dict[str, torch.Tensor]:
+        """The blocks of ``step`` (optionally only ``rows`` of the global batch)."""
+        src, idx = self.indices(step)
+        if rows is not None:
+            src, idx = src[rows], idx[rows]
+        tokens = np.stack([np.asarray(self.sources[s][i], dtype=np.int64) for s, i in zip(src, idx, strict=True)])
+        return {"input_ids": torch.from_numpy(tokens), "source": torch.from_numpy(src),
+                "block": torch.from_numpy(idx)}
+
+
+# --------------------------------------------------------------------------- schedule and optimizer
+
+
+def lr_at(step: int, cfg: Any) -> float:
+    """Cosine schedule with linear warm-up: the learning rate used for optimizer step ``step`` (0-based)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on norms, biases and other 1-D tensors."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas),
+                             foreach=False)
+
+
+# --------------------------------------------------------------------------- checkpoints (no pickle)
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict, keep: int) -> Path:
+    """Write checkpoint ``step`` atomically (temp folder + rename); prune to the newest ``keep``."""
+    from safetensors.torch import save_file
+
+    final = ckpt_root / f"{CKPT_PREFIX}{step:08d}"
+    tmp = ckpt_root / f".tmp-{CKPT_PREFIX}{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trainable_state(model), tmp / "trainable.safetensors")
+    opt_sd = optimizer.state_dict()
+    tensors = {}
+    for pid, pstate in opt_sd["state"].items():
+        for key, val in pstate.items():
+            t = val if torch.is_tensor(val) else torch.tensor(val)
+            tensors[f"{pid}.{key}"] = t.detach().to("cpu").contiguous()
+    save_file(tensors, tmp / "optimizer.safetensors")
+    write_json_atomic(tmp / "optimizer.json", {"param_groups": opt_sd["param_groups"]})
+    write_json_atomic(tmp / "state.json", {**state, "step": step, "torch_rng": torch.get_rng_state().tolist()})
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_root.exists():
+        return []
+    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
+                  and (p / "state.json").exists())
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore trainable parameters, AdamW state and the torch RNG; return the saved state dict."""
+    from safetensors.torch import load_file
+
+    params = dict(model.named_parameters())
+    weights = load_file(path / "trainable.safetensors")
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing:
+        raise RuntimeError(f"{path}: checkpoint lacks trainable parameter {missing[0]}")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    flat = load_file(path / "optimizer.safetensors")
+    groups = json.loads((path / "optimizer.json").read_text())["param_groups"]
+    opt_state: dict[int, dict] = {}
+    for key, tensor in flat.items():
+        pid, name = key.split(".", 1)
+        opt_state.setdefault(int(pid), {})[name] = tensor
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    state = json.loads((path / "state.json").read_text())
+    torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
+    return state
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class FitResult:
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    resumed_from: int | None
+    final_val: dict[str, float] = field(default_factory=dict)
+    peak_memory_mb: float | None = None
+    peak_memory_kind: str = ""
+    history: list[dict] = field(default_factory=list)
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """Peak memory in MiB: CUDA max allocated, or this process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
+
+
+def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
+        loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
+        work_dir: Path, accelerator: Any, validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+        desc: str = "train", log: Callable[[str], None] = print, config_hash: str = "",
+        on_step: Callable[[int], None] | None = None) -> FitResult:
+    """Train ``model`` for ``cfg.max_steps`` optimizer steps (a ``TrainConfig``), resuming from the
+    newest checkpoint in ``work_dir/checkpoints`` made with the same ``config_hash``.
+
+    ``loss_fn(model, micro_batch) -> (loss, stats)``: the mean loss of one micro-batch (``stats``
+    are floats averaged into the logs). ``validate(model) -> {name: value}`` runs every
+    ``eval_every`` steps and at the end, on the main process's model. ``on_step(step)`` is called
+    after each optimizer step (tests use it to simulate a kill). ``accelerator`` is an
+    ``accelerate.Accelerator``: ``model`` must not be prepared yet.
+    """
+    from tqdm.auto import tqdm
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_root = work_dir / "checkpoints"
+    metrics_path = work_dir / "metrics.jsonl"
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = cfg.batch_size
+    if sampler.global_batch != micro * cfg.grad_accum * world:
+        raise ValueError(f"sampler batch {sampler.global_batch} != batch_size x grad_accum x world "
+                         f"({micro} x {cfg.grad_accum} x {world})")
+
+    optimizer = make_optimizer(model, cfg)
+    start, tokens, resumed_from, history = 0, 0, None, []
+    ckpts = list_checkpoints(ckpt_root)
+    if ckpts:
+        saved = json.loads((ckpts[-1] / "state.json").read_text())
+        if saved.get("config_hash") == config_hash:
+            state = load_checkpoint(ckpts[-1], model, optimizer)
+            start, tokens, resumed_from = state["step"], state["tokens"], state["step"]
+            log(f"[{desc}] resuming from checkpoint at step {start}")
+        else:
+            log(f"[{desc}] ignoring checkpoints made with another config; starting afresh")
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+    if accelerator.is_main_process:
+        _trim_metrics(metrics_path, start)
+    model_p, optimizer_p = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+
+    tokens_per_step = sampler.global_batch * sampler.sources[0].shape[1]
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+               disable=not accelerator.is_local_main_process, mininterval=1.0)
+    t0, window_t, window_tok = time.time(), time.time(), 0
+    stats_acc: dict[str, float] = {}
+    final_val: dict[str, float] = {}
+    last_good = start
+    model_p.train()
+    for step in range(start, cfg.max_steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer_p.param_groups:
+            group["lr"] = lr
+        step_stats: dict[str, float] = {}
+        for k in range(cfg.grad_accum):
+            # rows of this micro-batch for this rank: [k, rank] block of the global batch
+            first = (k * world + rank) * micro
+            batch = sampler.batch(step, slice(first, first + micro))
+            batch = {key: val.to(device) for key, val in batch.items()}
+            sync = k == cfg.grad_accum - 1
+            ctx = accelerator.no_sync(model_p) if (not sync and world > 1) else _null()
+            with ctx:
+                with accelerator.autocast():
+                    loss, stats = loss_fn(model_p, batch)
+                accelerator.backward(loss / cfg.grad_accum)
+            for key, val in {"loss": float(loss.detach()), **stats}.items():
+                step_stats[key] = step_stats.get(key, 0.0) + float(val) / cfg.grad_accum
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(model_p.parameters(), cfg.max_grad_norm))
+        bad = not math.isfinite(step_stats["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm))
+        if bad:
+            bar.close()
+            raise TrainingDiverged(
+                f"{desc}: loss or gradient norm is not finite at step {step + 1} (loss {step_stats['loss']}, "
+                f"grad norm {grad_norm}); the last good checkpoint (step {last_good}) is kept in {ckpt_root}; "
+                f"lower the learning rate or enable clipping")
+        optimizer_p.step()
+        optimizer_p.zero_grad(set_to_none=True)
+        done = step + 1
+        tokens += tokens_per_step
+        window_tok += tokens_per_step
+        for key, val in step_stats.items():
+            stats_acc[key] = stats_acc.get(key, 0.0) + val
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            n_log = cfg.log_every if done % cfg.log_every == 0 else (done % cfg.log_every)
+            elapsed = max(time.time() - window_t, 1e-9)
+            row = {"step": done, "lr": lr, "tokens": tokens, "tokens_per_s": window_tok / elapsed,
+                   **{k: v / n_log for k, v in stats_acc.items()}}
+            if grad_norm is not None:
+                row["grad_norm"] = grad_norm
+            history.append(row)
+            _emit(accelerator, metrics_path, row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            stats_acc, window_t, window_tok = {}, time.time(), 0
+        if validate is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            model_p.eval()
+            val = validate(accelerator.unwrap_model(model_p))
+            model_p.train()
+            final_val = val
+            row = {"step": done, "tokens": tokens, **{f"val/{k}": v for k, v in val.items()}}
+            history.append(row)
+            _emit(accelerator, metrics_path, row)
+            log(f"[{desc}] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+        if done % cfg.save_every == 0 or done == cfg.max_steps:
+            if accelerator.is_main_process:
+                save_checkpoint(ckpt_root, done, accelerator.unwrap_model(model_p), optimizer_p.optimizer
+                                if hasattr(optimizer_p, "optimizer") else optimizer_p,
+                                {"tokens": tokens, "config_hash": config_hash}, keep=cfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
+            last_good = done
+        if on_step is not None:
+            on_step(done)
+    bar.close()
+    seconds = time.time() - t0
+    run_tokens = tokens - (resumed_from or 0) * tokens_per_step
+    mem, kind = peak_memory(device)
+    accelerator.end_training() if getattr(accelerator, "trackers", None) else None
+    return FitResult(steps=cfg.max_steps, tokens=tokens, seconds=seconds,
+                     tokens_per_s=run_tokens / max(seconds, 1e-9), resumed_from=resumed_from, final_val=final_val,
+                     peak_memory_mb=mem, peak_memory_kind=kind, history=history)
+
+
+def _emit(accelerator: Any, path: Path, row: dict) -> None:
+    if not accelerator.is_main_process:
+        return
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+    if getattr(accelerator, "trackers", None):
+        accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+
+def _trim_metrics(path: Path, upto_step: int) -> None:
+    """Drop metric lines after the step we resume from (they belong to the lost part of the run)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= upto_step]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def make_accelerator(device: torch.device, amp_dtype: torch.dtype | None, report_to: str = "none",
+                     project_dir: Path | None = None):
+    """An ``accelerate.Accelerator`` for ``device`` and autocast dtype; under ``accelerate launch`` the
+    distributed set-up (DDP / FSDP) comes from the launcher's environment."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    mp = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        # One process may train several models with different precisions (base, students, control);
+        # accelerate keeps one global state, so reset it between them. Never under a launcher.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    kwargs: dict[str, Any] = {"mixed_precision": mp, "cpu": device.type == "cpu"}
+    if report_to != "none":
+        kwargs.update(log_with=report_to, project_dir=str(project_dir) if project_dir else None)
+    return Accelerator(**kwargs)
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Plain next-token cross-entropy on packed blocks (the base's pretraining objective)."""
+    ids = batch["input_ids"]
+    out = model(input_ids=ids, labels=ids)
+    return out.loss, {}

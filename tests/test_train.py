@@ -1,0 +1,150 @@
+"""The shared training loop: deterministic data order, schedule, exact resume, NaN guard, base stage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny import fake_data_run, tiny_model
+
+from downscale import pipeline, train
+from downscale.data.blocks import open_split
+
+
+def _sources():
+    return [np.arange(40 * 4).reshape(40, 4), 1000 + np.arange(10 * 4).reshape(10, 4)]
+
+
+def test_sampler_is_a_pure_function_of_seed_and_step() -> None:
+    a, b = train.BlockSampler(_sources(), 8, seed=1), train.BlockSampler(_sources(), 8, seed=1)
+    assert all(torch.equal(a.batch(s)["input_ids"], b.batch(s)["input_ids"]) for s in (0, 3, 17))
+    other = train.BlockSampler(_sources(), 8, seed=2)
+    assert not torch.equal(a.batch(0)["input_ids"], other.batch(0)["input_ids"])
+    # one epoch of the union covers every block exactly once (50 blocks, batches of 10)
+    c = train.BlockSampler(_sources(), 10, seed=0)
+    seen = [tuple(x) for s in range(5) for x in zip(*c.indices(s), strict=True)]
+    assert len(set(seen)) == 50
+    # rows of the global batch do not depend on how they are split among ranks / micro-batches
+    full = a.batch(5)["input_ids"]
+    halves = torch.cat([a.batch(5, slice(0, 4))["input_ids"], a.batch(5, slice(4, 8))["input_ids"]])
+    assert torch.equal(full, halves)
+
+
+def test_sampler_fractions_mix_sources_in_every_batch() -> None:
+    s = train.BlockSampler(_sources(), 10, seed=0, fractions=[0.8, 0.2])
+    for step in range(7):
+        src, _ = s.indices(step)
+        assert (src == 0).sum() == 8 and (src == 1).sum() == 2
+    with pytest.raises(ValueError):
+        train.BlockSampler([np.zeros((0, 4))], 4, seed=0)
+
+
+def test_cosine_schedule_with_warmup() -> None:
+    from downscale.config import TrainConfig
+
+    cfg = TrainConfig(max_steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [train.lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(x >= y for x, y in zip(lrs[10:], lrs[11:], strict=False))  # non-increasing after warm-up
+    assert lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def _fit(cfg, tmp, on_step=None, model=None):
+    from downscale.config import TrainConfig
+
+    tcfg = TrainConfig(max_steps=7, batch_size=2, grad_accum=2, lr=3e-3, warmup_steps=2, save_every=2,
+                       eval_every=3, eval_batches=1, log_every=1, keep_checkpoints=2)
+    blocks = open_split(cfg.run_dir, "code", "train")
+    model = model or tiny_model(vocab_size=300)
+    model.train()
+    acc = train.make_accelerator(torch.device("cpu"), None)
+    sampler = train.BlockSampler([blocks], 4, seed=0)
+    val = lambda m: {"loss": 0.0}  # noqa: E731
+    res = train.fit(model, cfg=tcfg, sampler=sampler, loss_fn=train.causal_lm_loss, work_dir=tmp, accelerator=acc,
+                    validate=val, log=lambda m: None, config_hash="h", on_step=on_step)
+    return model, res
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path) -> None:
+    cfg = fake_data_run(tmp_path)
+    ref, ref_res = _fit(cfg, tmp_path / "a")
+    start = {n: p.detach().clone() for n, p in tiny_model(vocab_size=300).named_parameters()}
+    assert all(not torch.equal(start[n], p) for n, p in ref.named_parameters()), "every parameter trains"
+
+    class Killed(Exception):
+        pass
+
+    def kill(step):
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _fit(cfg, tmp_path / "b", on_step=kill)
+    ckpts = train.list_checkpoints(tmp_path / "b" / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-00000002", "step-00000004"]  # kept 2; step 5 not saved
+    resumed, res = _fit(cfg, tmp_path / "b")
+    assert res.resumed_from == 4
+    for (n, p), (_, q) in zip(ref.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    # the metrics of the lost steps were dropped and written again: one line per step, in order
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, 8))
+
+
+def test_checkpoint_of_another_config_is_ignored(tmp_path) -> None:
+    cfg = fake_data_run(tmp_path)
+    _fit(cfg, tmp_path / "w")
+    from downscale.config import TrainConfig
+
+    model = tiny_model(vocab_size=300)
+    acc = train.make_accelerator(torch.device("cpu"), None)
+    tcfg = TrainConfig(max_steps=2, batch_size=4, save_every=1)
+    sampler = train.BlockSampler([open_split(cfg.run_dir, "code", "train")], 4, seed=0)
+    res = train.fit(model, cfg=tcfg, sampler=sampler, loss_fn=train.causal_lm_loss, work_dir=tmp_path / "w",
+                    accelerator=acc, log=lambda m: None, config_hash="other")
+    assert res.resumed_from is None
+
+
+def test_nan_guard_names_the_step_and_keeps_the_last_checkpoint(tmp_path) -> None:
+    cfg = fake_data_run(tmp_path)
+    from downscale.config import TrainConfig
+
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        loss, stats = train.causal_lm_loss(model, batch)
+        return (loss * float("nan") if calls["n"] >= 4 else loss), stats
+
+    tcfg = TrainConfig(max_steps=10, batch_size=4, save_every=2)
+    sampler = train.BlockSampler([open_split(cfg.run_dir, "code", "train")], 4, seed=0)
+    with pytest.raises(train.TrainingDiverged, match="at step 4") as info:
+        train.fit(tiny_model(vocab_size=300), cfg=tcfg, sampler=sampler, loss_fn=loss_fn, work_dir=tmp_path / "w",
+                  accelerator=train.make_accelerator(torch.device("cpu"), None), log=lambda m: None)
+    assert "step 2" in str(info.value)
+    assert [p.name for p in train.list_checkpoints(tmp_path / "w" / "checkpoints")] == ["step-00000002"]
+
+
+def test_base_stage_pretrains_saves_and_reloads(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = fake_data_run(tmp_path)
+    entry = pipeline.run_stage(cfg, "base", log=lambda m: None)
+    assert entry["status"] == "complete"
+    base = cfg.run_dir / "base"
+    summary = json.loads((base / "train_summary.json").read_text())
+    assert set(summary["val_loss"]) == {"code", "legal", "prose", "pooled"}
+    assert summary["steps"] == 6 and summary["tokens"] == 6 * 4 * 32
+    model = AutoModelForCausalLM.from_pretrained(base)
+    assert model.config.vocab_size == 300 and model.config.hidden_size == 32
+    assert AutoTokenizer.from_pretrained(base).eos_token_id == 0
+    assert (base / "model.safetensors").exists() and (base / "metrics.jsonl").exists()
+    assert not list(base.glob("*.bin")) and not list(base.glob("*.pt"))
+    # complete with the same config: skipped; another base config: stale
+    assert pipeline.stage_status(cfg, pipeline.get_stage("base"))[0] == "complete"
+    other = cfg.model_copy(deep=True)
+    other.base.train.lr = 1e-4
+    assert pipeline.stage_status(other, pipeline.get_stage("base")) == ("stale", "config changed")
