@@ -151,6 +151,9 @@ class TrainConfig(_Section):
     save_every: int = Field(100, ge=1, description="Checkpoint every N steps.")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
     log_every: int = Field(10, ge=1, description="Write a metrics line every N steps.")
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="Also log metrics to this tracker (through accelerate); metrics.jsonl is always written."
+    )
 
 
 # --------------------------------------------------------------------------- base
@@ -275,6 +278,15 @@ class ExperimentConfig(_Section):
 
     # Where the config came from; not part of the schema.
     _source: str = "<config>"
+
+    @model_validator(mode="after")
+    def _tokenizer_matches_base(self) -> ExperimentConfig:
+        if self.base.name_or_path and self.data.tokenizer.kind != "base":
+            raise ValueError("data.tokenizer.kind must be 'base' when base.name_or_path is set: students and the "
+                             "base must share the base's vocabulary")
+        if not self.base.name_or_path and self.data.tokenizer.kind == "base":
+            raise ValueError("data.tokenizer.kind 'base' needs base.name_or_path (a model to take the tokenizer from)")
+        return self
 
     @model_validator(mode="after")
     def _students_match_shards(self) -> ExperimentConfig:
