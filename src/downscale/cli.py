@@ -148,7 +148,7 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
         return 0
     kwargs = {}
     if args.command == "specialize" and args.student is not None:
-        kwargs["student"] = args.student
+        kwargs["part"] = args.student
     pipeline.run_stage(cfg, args.command, force=args.force, **kwargs)
     return 0
 

@@ -12,6 +12,7 @@ which survives an interruption.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
@@ -41,6 +42,10 @@ class Stage:
     depends_on: tuple[str, ...]  # config parts (dotted) whose change re-runs the stage
     upstream: tuple[str, ...]  # stages whose outputs this stage reads
     outputs: tuple[str, ...]  # paths under the run directory that this stage writes
+    # An incremental stage writes its outputs part by part (each part atomically, e.g. one student
+    # folder) straight into the run directory, and records each part in the manifest, so that parts
+    # can run as independent jobs; the pipeline does not stage and rename its outputs as a whole.
+    incremental: bool = False
 
 
 STAGES: tuple[Stage, ...] = (
@@ -49,7 +54,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("base", "downscale.stages.base", ("run.seed", "run.precision", "base"), ("data",), ("base",)),
     Stage("compress", "downscale.stages.compress", ("run.seed", "compress"), ("data", "base"), ("students",)),
     Stage("specialize", "downscale.stages.specialize", ("run.seed", "run.precision", "specialize"),
-          ("data", "base", "compress"), ("specialized",)),
+          ("data", "base", "compress"), ("specialized",), incremental=True),
     Stage("combine", "downscale.stages.combine", ("combine",), ("data", "specialize"), ("ensemble",)),
     Stage("evaluate", "downscale.stages.evaluate", ("evaluate",), ("data", "base", "compress", "specialize",
                                                                     "combine"), ("eval",)),
@@ -108,10 +113,54 @@ def _save_manifest(run_dir: Path, manifest: dict) -> None:
     write_json_atomic(manifest_path(run_dir), manifest)
 
 
+@contextlib.contextmanager
+def _manifest_lock(run_dir: Path):
+    """An exclusive lock around read-modify-write of the manifest (parallel student jobs share it)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".manifest.lock", "w") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except ImportError:  # not POSIX: no locking
+            pass
+        yield
+
+
 def _update_entry(run_dir: Path, stage: str, entry: dict) -> None:
-    manifest = load_manifest(run_dir)  # re-read: another process may have recorded another stage
-    manifest["stages"][stage] = entry
-    _save_manifest(run_dir, manifest)
+    with _manifest_lock(run_dir):
+        manifest = load_manifest(run_dir)  # re-read: another process may have recorded another stage
+        old = manifest["stages"].get(stage, {})
+        if "parts" in old and "parts" not in entry:
+            entry = {**entry, "parts": old["parts"]}
+        manifest["stages"][stage] = entry
+        _save_manifest(run_dir, manifest)
+
+
+# --------------------------------------------------------------------------- parts of incremental stages
+
+
+def part_entry(run_dir: Path, stage: str, part: str) -> dict | None:
+    """The manifest record of one part (e.g. student "0") of an incremental stage."""
+    return load_manifest(run_dir)["stages"].get(stage, {}).get("parts", {}).get(part)
+
+
+def record_part(run_dir: Path, stage: str, part: str, entry: dict) -> None:
+    """Record one part of an incremental stage in the manifest (under a lock)."""
+    with _manifest_lock(run_dir):
+        manifest = load_manifest(run_dir)
+        node = manifest["stages"].setdefault(stage, {"status": "partial"})
+        node.setdefault("parts", {})[part] = entry
+        _save_manifest(run_dir, manifest)
+
+
+def part_is_complete(run_dir: Path, stage: str, part: str, config_hash: str, inputs: dict,
+                     output: Path) -> bool:
+    """True if ``part`` was completed with this config hash and these inputs and its output is unchanged."""
+    entry = part_entry(run_dir, stage, part)
+    return bool(entry and entry.get("status") == "complete" and entry.get("config_hash") == config_hash
+                and entry.get("inputs") == inputs and output.exists()
+                and dir_fingerprint(output) == entry.get("output"))
 
 
 def _inputs(run_dir: Path, stage: Stage, manifest: dict) -> dict[str, dict]:
@@ -172,6 +221,8 @@ def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callab
     inputs = _inputs(run_dir, stage, manifest)
     if not is_main_process():
         return _run_as_worker(cfg, stage, module, log, **kwargs)
+    if stage.incremental and kwargs.get("part") is not None:
+        return _run_part(cfg, stage, module, inputs, log, **kwargs)
     _write_resolved_config(cfg)
     staging = run_dir / ".staging" / name
     if staging.exists():
@@ -194,11 +245,13 @@ def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callab
     ctx = StageContext(cfg=cfg, run_dir=run_dir, staging=staging, stage=name, log=log)
     try:
         summary = module.run(ctx, **kwargs) or {}
-        missing = [o for o in stage.outputs if not (staging / o).exists()]
+        where = run_dir if stage.incremental else staging
+        missing = [o for o in stage.outputs if not (where / o).exists()]
         if missing:
             raise StageError(f"stage '{name}' finished without writing {', '.join(missing)}")
-        for out in stage.outputs:
-            replace_dir(staging / out, run_dir / out)
+        if not stage.incremental:
+            for out in stage.outputs:
+                replace_dir(staging / out, run_dir / out)
     except BaseException as exc:
         entry.update(status="failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted",
                      ended=_now(), error=f"{type(exc).__name__}: {exc}"[:500])
@@ -212,6 +265,30 @@ def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callab
     _update_entry(run_dir, name, entry)
     log(f"[{name}] complete in {entry['seconds']:.1f}s")
     return entry
+
+
+def _run_part(cfg: ExperimentConfig, stage: Stage, module: Any, inputs: dict, log: Callable[[str], None],
+              **kwargs: Any) -> dict:
+    """Run one part of an incremental stage (``downscale specialize --student i``) as an independent job:
+    the stage records the part itself; the stage as a whole is marked complete here once every part is."""
+    _write_resolved_config(cfg)
+    part = kwargs["part"]
+    staging = cfg.run_dir / ".staging" / f"{stage.name}.part{part}.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    ctx = StageContext(cfg=cfg, run_dir=cfg.run_dir, staging=staging, stage=stage.name, log=log)
+    try:
+        summary = module.run(ctx, **kwargs) or {}
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if summary.get("all_parts_complete"):
+        entry = {"status": "complete", "started": summary.get("started", _now()), "ended": _now(),
+                 "config_hash": cfg.section_hash(*stage.depends_on), "inputs": inputs,
+                 "outputs": {o: dir_fingerprint(cfg.run_dir / o) for o in stage.outputs},
+                 "versions": package_versions(), "seed": cfg.run.seed, "summary": summary}
+        _update_entry(cfg.run_dir, stage.name, entry)
+        log(f"[{stage.name}] every part is complete: stage complete")
+    return summary
 
 
 def is_main_process() -> bool:
