@@ -236,10 +236,16 @@ class SpecializeConfig(_Section):
     teacher: Literal["online", "cache"] = Field("online")
     teacher_quant: Literal["none", "8bit", "4bit"] = Field("none")
     cache_top_k: int = Field(64, ge=1)
-    lora: bool = Field(False)
-    lora_rank: int = Field(16, ge=1)
-    replay_fraction: float = Field(0.0, ge=0, lt=1)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    cache_dir: str | None = Field(
+        None, description="teacher=cache: folder of the per-shard teacher caches; default <run>/work/teacher_cache."
+    )
+    lora: bool = Field(False, description="Train LoRA adapters instead of all weights; merged into a plain HF model.")
+    lora_rank: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling alpha.")
+    replay_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Fraction of every batch drawn from the other shards (limits forgetting)."
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop of each student.")
 
 
 # --------------------------------------------------------------------------- combine / evaluate
@@ -257,9 +263,17 @@ class CombineConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    max_test_tokens_per_shard: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    control: bool = Field(True, description="Train a compute-matched control from the base.")
+    max_test_tokens_per_shard: int | None = Field(
+        None, ge=1, description="Score at most this many test tokens per shard (the same blocks for every row)."
+    )
+    batch_size: int = Field(8, ge=1, description="Test blocks per forward pass.")
+    curve_max_subsets: int = Field(
+        20, ge=1, description="Ensemble-size curve: at most this many (random) subsets of each size m."
+    )
+    control: bool = Field(
+        True, description="Train a compute-matched control: the base trained on as many more tokens as the students."
+    )
+    control_lr: float | None = Field(None, gt=0, description="Peak LR of the control; null: specialize.train.lr.")
     device_watts: float = Field(700.0, gt=0, description="Device power for the energy estimate.")
     grid_gco2_per_kwh: float = Field(400.0, ge=0, description="Grid carbon intensity for the CO2 estimate.")
 

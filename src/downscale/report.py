@@ -1,0 +1,187 @@
+"""The report: tables and plots from ``eval/results.json``.
+
+``write_report(results, out_dir)`` writes ``report.md``, ``loss_vs_ensemble_size.png`` and
+``loss_vs_params.png``. Everything shown is what was measured; when the ensemble loses to the base
+or to the control, the report says so in its first lines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from downscale._io import write_text_atomic
+
+
+def _fmt_params(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _fmt_num(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _sci(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def verdict(results: dict) -> str:
+    """One or two sentences: did the ensemble beat the base (and the control)? As measured."""
+    v = results["verdict"]
+    if v.get("best_ensemble") is None:
+        return "No ensemble was evaluated."
+    diff = v["margin_vs_base"]
+    size = v.get("ensemble_params_fraction_of_base", 0)
+    text = (f"The best ensemble, {v['best_ensemble']}, {'BEATS' if v['ensemble_beats_base'] else 'does NOT beat'} "
+            f"the base: pooled test loss {v['best_ensemble_loss']:.4f} vs {v['base_loss']:.4f} nats/token "
+            f"({'-' if diff > 0 else '+'}{abs(diff):.4f}), with {size:.2f}x the base's parameters in total.")
+    if "control_loss" in v:
+        text += (f" Against the compute-matched control ({v['control_loss']:.4f}) it "
+                 f"{'wins' if v['ensemble_beats_control'] else 'loses'}.")
+    return text
+
+
+def main_table(results: dict) -> str:
+    """The Markdown table of every row: loss per domain and pooled, perplexity, parameters, FLOPs, speed."""
+    shards = results["shards"]
+    head = ["model", *shards, "pooled", "ppl", "params", "active", "GFLOPs/tok", "tok/s", "peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    best = {s: min(r["loss"][s] for r in results["rows"]) for s in [*shards, "pooled"]}
+    for r in results["rows"]:
+        cells = [r["name"]]
+        for s in [*shards, "pooled"]:
+            val = f"{r['loss'][s]:.4f}"
+            cells.append(f"**{val}**" if abs(r["loss"][s] - best[s]) < 1e-12 else val)
+        cells += [f"{r['perplexity']['pooled']:.2f}", _fmt_params(r["params"]), _fmt_params(r["active_params"]),
+                  _fmt_num(r["flops_per_token"] / 1e9 if r.get("flops_per_token") else None, 4),
+                  _fmt_num(r.get("throughput_tokens_per_s"), 0), _fmt_num(r.get("peak_memory_mb"), 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(results: dict, out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    plots = _plots(results, out_dir)
+    shards = results["shards"]
+    md: list[str] = [f"# downscale report: {results['run']}", "", "## Verdict", "", verdict(results), ""]
+    md += ["## Test loss (nats/token; pooled = total NLL / total tokens)", "",
+           f"Every row is scored on the same test blocks: {sum(results['test_tokens'].values())} predicted tokens "
+           f"from {len(shards)} shards, context {results['context']}. Bold: best in the column. "
+           "'active' = parameters run per token; FLOPs per token are forward FLOPs at this context. "
+           "peak MB is measured on CUDA only.", "", main_table(results), ""]
+    md += ["## Winner per domain", "", "| domain | winner | loss |", "|---|---|---|"]
+    md += [f"| {s} | {w['name']} | {w['loss']:.4f} |" for s, w in results["winners"].items()]
+    oracle = next((r for r in results["rows"] if r["kind"] == "oracle"), None)
+    if oracle:
+        md += ["", "The oracle picks, for each domain, the specialized student that is best on it (chosen on the "
+               "test set itself: an upper bound for routing by domain): "
+               + ", ".join(f"{s} -> {p}" for s, p in oracle["picks"].items()) + "."]
+    md += ["", "## Ensemble size", ""]
+    for mode, pts in results["ensemble_size_curves"].items():
+        fit = results["law_fit"][mode]["fit"]
+        md += [f"**{mode}**: mean loss over subsets of m students: "
+               + ", ".join(f"m={p['m']}: {p['loss']:.4f} ({p['subsets']} subsets)" for p in pts) + "."]
+        if fit.get("L_inf") is not None:
+            md += [f"Fit L(m) = L_inf + B / m^a: L_inf = {fit['L_inf']:.4f}, B = {fit['B']:.4f}, a = {fit['a']:.3f}, "
+                   f"R^2 = {_fmt_num(fit.get('r2'))} ({fit['status']}{'; ' + fit['note'] if fit.get('note') else ''})."
+                   f" Smallest ensemble predicted to beat the base: "
+                   f"{results['law_fit'][mode].get('m_beats_base') or 'none (L_inf is not below the base)'}.", ""]
+        else:
+            md += [f"Fit: {fit.get('note') or fit['status']}", ""]
+    md += [f"![loss vs ensemble size]({plots['curve']})", ""]
+    g = results["downscaling_guarantee"]
+    md += ["## The downscaling guarantee for this base", "",
+           f"With the paper's constants (a={g['constants']['a']}, b={g['constants']['b']}, "
+           f"gamma={g['constants']['gamma']}, delta={g['constants']['delta']}) and N0 = "
+           f"{results['base']['params'] / 1e9:.4g}B parameters, the smallest ensemble the law guarantees to beat "
+           f"the base is n = {g['n_min']} (right-hand side {g['rhs']:.4f}). This run used "
+           f"{len(results['ensemble_size_curve'])} students. The law's constants were fitted to large models; at "
+           "this scale they are a reference, not a prediction.", ""]
+    md += ["## Parameters", "", f"![loss vs parameters]({plots['params']})", ""]
+    md += _ledger_md(results)
+    text = "\n".join(md) + "\n"
+    write_text_atomic(out_dir / "report.md", text)
+    return out_dir / "report.md"
+
+
+def _ledger_md(results: dict) -> list[str]:
+    led = results["ledger"]
+    md = ["## Compute ledger", "",
+          f"Training FLOPs = 6 N D, teacher and calibration passes = 2 N D. Energy = wall time x "
+          f"{led['assumptions']['device_watts']:.0f} W per device; CO2 at {led['assumptions']['grid_gco2_per_kwh']:.0f}"
+          " gCO2e/kWh. These are estimates from wall time, not metered.", "",
+          "| stage | FLOPs | tokens | wall s | kWh | kg CO2e |", "|---|---|---|---|---|---|"]
+    for r in led["stages"]:
+        md.append(f"| {r['stage']} | {_sci(r['flops'])} | {_sci(r['tokens'])} | {r['seconds']:.1f} | "
+                  f"{r['kwh']:.4f} | {r['co2_kg']:.4f} |")
+    t = led["pipeline_total"]
+    md.append(f"| **pipeline total** (without the control) | {_sci(t['flops'])} | {_sci(t['tokens'])} | "
+              f"{t['seconds']:.1f} | {t['kwh']:.4f} | {t['co2_kg']:.4f} |")
+    md += ["", "Beside it, training a model of the base's size compute-optimally from scratch, by the Chinchilla fits "
+           "(their losses are on Chinchilla's data and tokenizer, so only the compute is comparable):", ""]
+    for name, fs in led["from_scratch"].items():
+        md.append(f"- {name}: {_sci(fs['tokens'])} tokens, {_sci(fs['flops'])} FLOPs.")
+    return [*md, ""]
+
+
+def _plots(results: dict, out_dir: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from downscale.law import ensemble_law
+
+    names = {"curve": "loss_vs_ensemble_size.png", "params": "loss_vs_params.png"}
+    base_loss = results["base"]["loss"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, pts in results["ensemble_size_curves"].items():
+        ms = np.array([p["m"] for p in pts])
+        ax.errorbar(ms, [p["loss"] for p in pts], yerr=[[p["loss"] - p["min"] for p in pts],
+                                                        [p["max"] - p["loss"] for p in pts]],
+                    marker="o", capsize=3, label=f"{mode} (measured)")
+        fit = results["law_fit"][mode]["fit"]
+        if fit.get("L_inf") is not None:
+            grid = np.linspace(1, max(ms.max(), 2), 100)
+            ax.plot(grid, ensemble_law(grid, fit["L_inf"], fit["B"], fit["a"]), "--", alpha=0.7,
+                    label=f"{mode} fit")
+    ax.axhline(base_loss, color="k", lw=1, label="base")
+    control = results["verdict"].get("control_loss")
+    if control is not None:
+        ax.axhline(control, color="gray", lw=1, ls=":", label="control")
+    ax.set_xlabel("students in the ensemble (m)")
+    ax.set_ylabel("pooled test loss (nats/token)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_fig(fig, out_dir / names["curve"])
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    markers = {"base": "s", "pruned": "v", "specialized": "o", "ensemble": "*", "control": "D", "oracle": "P"}
+    for kind, marker in markers.items():
+        rows = [r for r in results["rows"] if r["kind"] == kind]
+        if rows:
+            ax.scatter([r["params"] for r in rows], [r["loss"]["pooled"] for r in rows], marker=marker, s=60,
+                       label=kind)
+    ax.set_xscale("log")
+    ax.set_xlabel("total parameters")
+    ax.set_ylabel("pooled test loss (nats/token)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_fig(fig, out_dir / names["params"])
+    plt.close(fig)
+    return names
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)

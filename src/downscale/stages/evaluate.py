@@ -1,0 +1,405 @@
+"""Evaluate stage: the honest comparison of the ensemble with the uncompressed base.
+
+Rows (every one scored on the same test blocks of every shard: identical tokenization and context):
+the base; each pruned student before specialization; each specialized student; each ensemble mode
+of ``<run>/ensemble/``; the oracle (for each domain the best specialized student on it); and, with
+``evaluate.control``, a compute-matched control: the base trained further on as many tokens as all
+the students consumed together. Losses are pooled over tokens (total NLL / total tokens), never
+averages of perplexities.
+
+Also: the ensemble-size curve (mean loss over subsets of m students, m = 1..n) with the fitted
+ensemble law, the downscaling guarantee for this base, and the compute ledger. Writes
+``<run>/eval/results.json`` (schema in the README), ``report.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from downscale import pipeline
+from downscale._io import read_json, write_json_atomic
+from downscale.data.blocks import data_meta, open_split
+from downscale.pipeline import StageContext, StageError
+
+CURVE_MODES = ("logit_mean", "prob_mean")
+
+
+def run(ctx: StageContext) -> dict:
+    from downscale import models, report
+
+    cfg, ecfg = ctx.cfg, ctx.cfg.evaluate
+    models.quiet_transformers()
+    models.configure_threads(cfg.run.threads)
+    device = models.resolve_device(cfg.run.device)
+    amp = models.autocast_dtype(cfg.run.precision, device)
+    run_dir = ctx.run_dir
+    meta = data_meta(run_dir)
+    shards = meta["shards"]
+    test = {s: _cap(open_split(run_dir, s, "test"), ecfg.max_test_tokens_per_shard) for s in shards}
+    empty = [s for s, b in test.items() if len(b) == 0]
+    if empty:
+        raise StageError(f"{run_dir / 'data' / empty[0]}: the test split has no complete block; "
+                         f"lower data.block_size or give the shard more text")
+    out = ctx.output("eval")
+    out.mkdir(parents=True, exist_ok=True)
+    n = ctx.cfg.num_students
+    rows: list[dict] = []
+    ev = _Evaluator(test, ecfg.batch_size, device, amp, int(meta["block_size"]))
+
+    ctx.log(f"[evaluate] scoring on {sum(len(b) for b in test.values())} test blocks of {meta['block_size']} tokens "
+            f"from {len(shards)} shards")
+    base = models.load_causal_lm(run_dir / "base", dtype="float32", device=device)
+    rows.append(ev.score_model("base", "base", base, ["base"]))
+    base_params = models.count_params(base)
+    del base
+    for i in range(n):
+        m = models.load_causal_lm(run_dir / "students" / str(i), dtype="float32", device=device)
+        rows.append(ev.score_model(f"student {i} (pruned)", "pruned", m, [f"students/{i}"]))
+    specialized = []
+    for i in range(n):
+        m = models.load_causal_lm(run_dir / "specialized" / str(i), dtype="float32", device=device)
+        rows.append(ev.score_model(f"student {i} ({shards[i]})", "specialized", m, [f"specialized/{i}"]))
+        specialized.append(m)
+    rows.append(_oracle_row([r for r in rows if r["kind"] == "specialized"], shards))
+
+    ens_json = run_dir / "ensemble" / "ensemble.json"
+    ens_meta = read_json(ens_json)
+    from downscale.ensemble import load_ensemble
+
+    for mode in ens_meta["modes"]:
+        ens = load_ensemble(run_dir / "ensemble", mode=mode, device=device, dtype=torch.float32)
+        rows.append(ev.score_model(f"ensemble ({mode})", "ensemble", ens, [f"specialized/{i}" for i in range(n)],
+                                   mode=mode, params=_ensemble_params(ens, specialized),
+                                   active=_active_params(ens, specialized, mode)))
+        del ens
+    curve = ensemble_size_curve(specialized, test, ecfg, device, amp, seed=cfg.run.seed, log=ctx.log)
+    del specialized
+
+    control_info = None
+    if ecfg.control:
+        control, control_info = train_control(ctx, device, amp)
+        rows.append(ev.score_model("control (base + matched tokens)", "control", control, ["eval/control"]))
+        models.save_causal_lm(control, out / "control", tokenizer_dir=run_dir / "tokenizer",
+                              extra_files={"train_summary.json": control_info})
+        del control
+
+    results = assemble_results(ctx, rows, curve, shards, base_params, control_info, test)
+    write_json_atomic(out / "results.json", results)
+    report.write_report(results, out)
+    ctx.log("\n" + report.main_table(results))
+    ctx.log(report.verdict(results))
+    return {"pooled_loss": {r["name"]: r["loss"]["pooled"] for r in rows}, "verdict": results["verdict"]}
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _cap(blocks: np.ndarray, max_tokens: int | None) -> np.ndarray:
+    if max_tokens is None or len(blocks) == 0:
+        return blocks
+    return blocks[: max(1, max_tokens // blocks.shape[1])]
+
+
+class _Evaluator:
+    """Scores a model (HF causal LM or EnsembleModel) on every shard's test blocks."""
+
+    def __init__(self, test: dict[str, np.ndarray], batch_size: int, device, amp, context: int):
+        self.test, self.batch_size, self.device, self.amp, self.context = test, batch_size, device, amp, context
+
+    @torch.no_grad()
+    def score_model(self, name: str, kind: str, model, paths: list[str], mode: str | None = None,
+                    params: int | None = None, active: int | None = None) -> dict:
+        from downscale import cost, models
+
+        model.eval()
+        loss, tokens_by_shard, nll_sum, count = {}, {}, 0.0, 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.time()
+        for shard, blocks in self.test.items():
+            s_sum, s_count = 0.0, 0
+            for start in range(0, len(blocks), self.batch_size):
+                ids = torch.as_tensor(np.asarray(blocks[start:start + self.batch_size], dtype=np.int64),
+                                      device=self.device)
+                with models.autocast(self.device, self.amp):
+                    logits = model(input_ids=ids).logits  # [B, T, V]
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                s_sum += float(-logp.gather(-1, ids[:, 1:, None]).sum())
+                s_count += ids[:, 1:].numel()
+            loss[shard] = s_sum / s_count
+            tokens_by_shard[shard] = s_count
+            nll_sum, count = nll_sum + s_sum, count + s_count
+        seconds = time.time() - t0
+        loss["pooled"] = nll_sum / count
+        configs = _configs(model)
+        total = params if params is not None else models.count_params(model)
+        row = {
+            "name": name, "kind": kind, "mode": mode, "paths": paths, "loss": loss,
+            "perplexity": {k: math.exp(min(v, 50)) for k, v in loss.items()},
+            "params": total, "active_params": active if active is not None else total,
+            "flops_per_token": sum(cost.flops_per_token(c, self.context) for c in configs)
+            if active is None or active == total else
+            sum(cost.flops_per_token(c, self.context) for c in configs) * active / max(total, 1),
+            "tokens": count, "tokens_by_shard": tokens_by_shard, "throughput_tokens_per_s": count / max(seconds, 1e-9),
+            "peak_memory_mb": (torch.cuda.max_memory_allocated(self.device) / 2**20
+                               if self.device.type == "cuda" else None),
+            "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+        }
+        return row
+
+
+def _configs(model) -> list[Any]:
+    students = getattr(model, "students", None)
+    if students is not None:
+        return [s.config for s in students]
+    return [model.config]
+
+
+def _ensemble_params(ens, specialized) -> int:
+    from downscale.models import count_params
+
+    return sum(count_params(s) for s in specialized)
+
+
+def _active_params(ens, specialized, mode: str) -> int:
+    """Parameters that run for each token: every student, unless the mode drops some (zero weight, top-k)."""
+    from downscale.models import count_params
+
+    sizes = [count_params(s) for s in specialized]
+    if mode == "weighted":
+        w = getattr(ens, "weights", None)
+        if w is not None:
+            return sum(sz for sz, wi in zip(sizes, list(w), strict=False) if float(wi) > 0)
+    top_k = getattr(ens, "top_k", None) if mode == "routed" else None
+    if top_k:
+        return int(sum(sorted(sizes)[-int(top_k):]))
+    return sum(sizes)
+
+
+def _oracle_row(spec_rows: list[dict], shards: list[str]) -> dict:
+    """For each domain, the specialized student that is best on it (chosen on the test set: an upper bound
+    for any router that picks one student per domain)."""
+    loss, picks, nll, count = {}, {}, 0.0, 0
+    for shard in shards:
+        best = min(spec_rows, key=lambda r: r["loss"][shard])
+        loss[shard] = best["loss"][shard]
+        picks[shard] = best["name"]
+        tokens = best["tokens_by_shard"][shard]
+        nll, count = nll + loss[shard] * tokens, count + tokens
+    loss["pooled"] = nll / count
+    params = max(r["params"] for r in spec_rows)
+    return {"name": "oracle (best student per domain)", "kind": "oracle", "mode": None, "paths": [],
+            "loss": loss, "perplexity": {k: math.exp(min(v, 50)) for k, v in loss.items()}, "picks": picks,
+            "params": sum(r["params"] for r in spec_rows), "active_params": params,
+            "flops_per_token": max(r["flops_per_token"] for r in spec_rows), "tokens": count,
+            "tokens_by_shard": {s: spec_rows[0]["tokens_by_shard"][s] for s in shards},
+            "throughput_tokens_per_s": None, "peak_memory_mb": None, "weights_mb": None}
+
+
+# --------------------------------------------------------------------------- ensemble-size curve
+
+
+@torch.no_grad()
+def ensemble_size_curve(students: list, test: dict[str, np.ndarray], ecfg: Any, device, amp, seed: int,
+                        log=print) -> dict:
+    """Mean pooled test loss over subsets of m students, m = 1..n, for each of CURVE_MODES.
+
+    Every student runs once per batch; every subset's combined loss is computed from those logits
+    (all subsets when there are at most ``evaluate.curve_max_subsets`` of a size, else that many
+    random ones, seeded).
+    """
+    from downscale import models
+
+    n = len(students)
+    rng = np.random.default_rng(seed)
+    subsets: list[tuple[int, ...]] = []
+    for m in range(1, n + 1):
+        combos = math.comb(n, m)
+        if combos <= ecfg.curve_max_subsets:
+            subsets += list(itertools.combinations(range(n), m))
+        else:
+            seen: set[tuple[int, ...]] = set()
+            while len(seen) < ecfg.curve_max_subsets:
+                seen.add(tuple(sorted(rng.choice(n, size=m, replace=False).tolist())))
+            subsets += sorted(seen)
+    sums = {mode: np.zeros(len(subsets)) for mode in CURVE_MODES}
+    count = 0
+    for blocks in test.values():
+        for start in range(0, len(blocks), ecfg.batch_size):
+            ids = torch.as_tensor(np.asarray(blocks[start:start + ecfg.batch_size], dtype=np.int64), device=device)
+            labels = ids[:, 1:].reshape(-1)
+            logits = []
+            for s in students:
+                with models.autocast(device, amp):
+                    z = s(input_ids=ids).logits[:, :-1]
+                logits.append(z.reshape(-1, z.shape[-1]).float())  # [N, V]
+            z = torch.stack(logits)  # [n, N, V]
+            logp = torch.log_softmax(z, dim=-1)
+            for j, sub in enumerate(subsets):
+                idx = list(sub)
+                mean_logits = z[idx].mean(0)
+                nll = -(torch.log_softmax(mean_logits, -1).gather(-1, labels[:, None]))
+                sums["logit_mean"][j] += float(nll.sum())
+                mix = torch.logsumexp(logp[idx], dim=0) - math.log(len(idx))
+                sums["prob_mean"][j] += float(-mix.gather(-1, labels[:, None]).sum())
+            count += labels.numel()
+    curve = {}
+    for mode in CURVE_MODES:
+        points = []
+        for m in range(1, n + 1):
+            js = [j for j, sub in enumerate(subsets) if len(sub) == m]
+            losses = sums[mode][js] / count
+            points.append({"m": m, "loss": float(losses.mean()), "min": float(losses.min()),
+                           "max": float(losses.max()), "subsets": len(js)})
+        curve[mode] = points
+    log(f"[evaluate] ensemble-size curve over {len(subsets)} subsets: " + "; ".join(
+        f"{mode}: " + ", ".join(f"m={p['m']} {p['loss']:.3f}" for p in pts) for mode, pts in curve.items()))
+    return curve
+
+
+# --------------------------------------------------------------------------- compute-matched control
+
+
+def train_control(ctx: StageContext, device, amp):
+    """The base trained further, on the union of the shards, for as many tokens as all students consumed
+    together (resumable; its checkpoints live in ``<run>/work/evaluate/control``)."""
+    from downscale import models, train
+
+    cfg = ctx.cfg
+    run_dir = ctx.run_dir
+    tcfg = cfg.specialize.train.model_copy(deep=True)
+    student_tokens = sum(int(read_json(run_dir / "specialized" / str(i) / "train_summary.json")["tokens"])
+                         for i in range(cfg.num_students))
+    block = int(data_meta(run_dir)["block_size"])
+    if device.type == "cpu":
+        models.tune_cpu_allocator()
+    model = models.load_causal_lm(run_dir / "base", dtype="float32", device=device)
+    model.config.use_cache = False
+    accelerator = train.make_accelerator(device, amp)
+    global_batch = tcfg.batch_size * tcfg.grad_accum * accelerator.num_processes
+    tcfg.max_steps = max(1, math.ceil(student_tokens / (global_batch * block)))
+    tcfg.warmup_steps = min(tcfg.warmup_steps, tcfg.max_steps // 2)
+    if cfg.evaluate.control_lr is not None:
+        tcfg.lr = cfg.evaluate.control_lr
+    shards = data_meta(run_dir)["shards"]
+    sampler = train.BlockSampler([open_split(run_dir, s, "train") for s in shards], global_batch,
+                                 seed=cfg.run.seed + 77)
+    tokens = tcfg.max_steps * global_batch * block
+    ctx.log(f"[evaluate] control: the base trained for {tcfg.max_steps} more steps ({tokens} tokens; "
+            f"the students consumed {student_tokens})")
+    result = train.fit(model, cfg=tcfg, sampler=sampler, loss_fn=train.causal_lm_loss,
+                       work_dir=ctx.work_dir("control"), accelerator=accelerator, validate=None, desc="control",
+                       log=ctx.log, config_hash=cfg.section_hash("run.seed", "specialize.train", "evaluate") +
+                       f"-{student_tokens}")
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    model.config.use_cache = True
+    info = {"tokens": result.tokens, "student_tokens": student_tokens, "steps": result.steps, "lr": tcfg.lr,
+            "seconds": round(result.seconds, 2), "tokens_per_s": round(result.tokens_per_s, 1),
+            "params": models.count_params(model)}
+    return model, info
+
+
+# --------------------------------------------------------------------------- results
+
+
+def assemble_results(ctx: StageContext, rows: list[dict], curve: dict, shards: list[str], base_params: int,
+                     control_info: dict | None, test: dict[str, np.ndarray]) -> dict:
+    from downscale import law
+
+    cfg = ctx.cfg
+    base = next(r for r in rows if r["kind"] == "base")
+    default_mode = "logit_mean" if "logit_mean" in curve else next(iter(curve))
+    results: dict[str, Any] = {
+        "schema": 1, "run": cfg.run.name, "shards": shards,
+        "test_tokens": {s: int(b.size - len(b)) for s, b in test.items()},
+        "context": int(next(iter(test.values())).shape[1]),
+        "rows": rows,
+        "base": {"loss": base["loss"]["pooled"], "params": base_params},
+        "ensemble_size_curves": curve, "curve_mode": default_mode,
+        "ensemble_size_curve": curve[default_mode],
+        "control": control_info,
+    }
+    winners = {}
+    for shard in [*shards, "pooled"]:
+        cands = [r for r in rows if r["kind"] != "oracle"]
+        best = min(cands, key=lambda r: r["loss"][shard])
+        winners[shard] = {"name": best["name"], "loss": best["loss"][shard]}
+    results["winners"] = winners
+    fits = {}
+    for mode, pts in curve.items():
+        fits[mode] = law.fit_results({"ensemble_size_curve": pts, "base": {"loss": base["loss"]["pooled"]}})
+    results["law_fit"] = fits
+    results["downscaling_guarantee"] = law.downscaling_guarantee(n0=base_params / 1e9, l0=base["loss"]["pooled"])
+    results["ledger"] = compute_ledger(ctx, rows, control_info)
+    results["verdict"] = _verdict(rows)
+    return results
+
+
+def _verdict(rows: list[dict]) -> dict:
+    base = next(r for r in rows if r["kind"] == "base")
+    ensembles = [r for r in rows if r["kind"] == "ensemble"]
+    control = next((r for r in rows if r["kind"] == "control"), None)
+    best = min(ensembles, key=lambda r: r["loss"]["pooled"]) if ensembles else None
+    out = {"base_loss": base["loss"]["pooled"], "best_ensemble": best["name"] if best else None,
+           "best_ensemble_loss": best["loss"]["pooled"] if best else None}
+    if best:
+        out["ensemble_beats_base"] = best["loss"]["pooled"] < base["loss"]["pooled"]
+        out["margin_vs_base"] = base["loss"]["pooled"] - best["loss"]["pooled"]
+        out["ensemble_params_fraction_of_base"] = best["params"] / base["params"]
+    if control and best:
+        out["control_loss"] = control["loss"]["pooled"]
+        out["ensemble_beats_control"] = best["loss"]["pooled"] < control["loss"]["pooled"]
+    return out
+
+
+def compute_ledger(ctx: StageContext, rows: list[dict], control_info: dict | None) -> dict:
+    """What each stage cost: FLOPs (6 N D training, 2 N D teacher / forward passes), wall time, tokens, energy."""
+    from downscale import cost
+
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    manifest = pipeline.load_manifest(run_dir)
+    secs = {k: float(v.get("seconds") or 0) for k, v in manifest["stages"].items()}
+    base_row = next(r for r in rows if r["kind"] == "base")
+    n_base = base_row["params"]
+    entries = []
+    base_summary = _maybe_json(run_dir / "base" / "train_summary.json")
+    if base_summary.get("tokens"):
+        entries.append(cost.stage_entry("base (pretraining)", seconds=secs.get("base", 0), train_n=n_base,
+                                        train_tokens=base_summary["tokens"]))
+    else:
+        entries.append(cost.stage_entry("base (imported, pretrained elsewhere)", seconds=secs.get("base", 0)))
+    comp = _maybe_json(run_dir / "students" / "compress.json")
+    calib_tokens = sum(int(s.get("calibration_tokens", 0)) for s in comp.get("students", []))
+    entries.append(cost.stage_entry("compress", seconds=secs.get("compress", 0), forward_n=n_base,
+                                    forward_tokens=calib_tokens))
+    for i in range(cfg.num_students):
+        ts = _maybe_json(run_dir / "specialized" / str(i) / "train_summary.json")
+        if not ts:
+            continue
+        teacher_tokens = ts.get("teacher_tokens", ts.get("tokens", 0))
+        entries.append(cost.stage_entry(f"specialize student {i}", seconds=ts.get("seconds", 0),
+                                        train_n=ts.get("params", 0), train_tokens=ts.get("tokens", 0),
+                                        teacher_n=n_base, teacher_tokens=teacher_tokens))
+    if control_info:
+        entries.append(cost.stage_entry("control (not part of the pipeline's cost)", seconds=control_info["seconds"],
+                                        train_n=n_base, train_tokens=control_info["tokens"]))
+    led = cost.ledger(entries, device_watts=cfg.evaluate.device_watts,
+                      grid_gco2_per_kwh=cfg.evaluate.grid_gco2_per_kwh)
+    pipeline_rows = [r for r in led["stages"] if not r["stage"].startswith("control")]
+    led["pipeline_total"] = {k: sum(r[k] for r in pipeline_rows) for k in ("flops", "tokens", "seconds", "kwh",
+                                                                          "co2_kg")}
+    led["from_scratch"] = {fit: cost.from_scratch_cost(n_base, None, fit) for fit in ("hoffmann", "besiroglu")}
+    led["device"] = str(ctx.cfg.run.device)
+    return led
+
+
+def _maybe_json(path: Path) -> dict:
+    return read_json(path) if path.exists() else {}

@@ -1,0 +1,321 @@
+"""Specialize stage: make student i the expert of shard i, by distillation from the base plus CE.
+
+    loss = kd_ratio * KD(teacher || student) + (1 - kd_ratio) * CE(next token)
+
+computed by ``downscale.kd.distill_loss`` over chunks of tokens (the full [B, T, V] fp32 logits of
+the two models never exist at once). The teacher is the base, online (bf16, or 8-/4-bit through
+bitsandbytes) or offline from a per-shard cache of its top-k log-probs (``downscale.teacher_cache``).
+Training is the shared loop of ``downscale.train`` (accelerate: DDP / FSDP, accumulation,
+cosine schedule, clipping, validation, exact resume, NaN guard).
+
+Students are independent jobs: ``downscale specialize CONFIG --student i`` trains one (in parallel
+on other GPUs or nodes); without ``--student`` all are trained in turn. Each student is recorded
+in the manifest on its own (a "part" of this incremental stage) and written atomically to
+``<run>/specialized/<i>/`` with ``train_summary.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from downscale import pipeline
+from downscale._io import read_json, replace_dir
+from downscale.data.blocks import open_split, shard_names
+from downscale.pipeline import StageContext, StageError
+
+STAGE = "specialize"
+
+
+def run(ctx: StageContext, part: int | str | None = None) -> dict:
+    cfg = ctx.cfg
+    run_dir = ctx.run_dir
+    shards = shard_names(run_dir)
+    n = cfg.num_students
+    if part is not None and not (str(part).isdigit() and int(part) < n):
+        raise StageError(f"{cfg._source}: --student: expected a student index 0..{n - 1}, got {part!r}")
+    which = range(n) if part is None else [int(part)]
+    manifest = pipeline.load_manifest(run_dir)
+    inputs = pipeline._inputs(run_dir, pipeline.get_stage(STAGE), manifest)
+    part_hash = cfg.section_hash("run.seed", "run.precision", "specialize")
+    summaries: dict[str, dict] = {}
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    for i in which:
+        out = run_dir / "specialized" / str(i)
+        if pipeline.part_is_complete(run_dir, STAGE, str(i), part_hash, inputs, out):
+            ctx.log(f"[specialize] student {i} complete, skipped")
+            summaries[str(i)] = read_json(out / "train_summary.json")
+            continue
+        pipeline.record_part(run_dir, STAGE, str(i), {"status": "running", "started": started,
+                                                      "config_hash": part_hash, "inputs": inputs})
+        try:
+            staged = ctx.staging / str(i)
+            summary = specialize_student(ctx, i, shards, staged)
+            replace_dir(staged, out)
+        except BaseException as exc:
+            pipeline.record_part(run_dir, STAGE, str(i), {"status": "failed", "config_hash": part_hash,
+                                                          "error": f"{type(exc).__name__}: {exc}"[:500]})
+            raise
+        from downscale._io import dir_fingerprint
+
+        pipeline.record_part(run_dir, STAGE, str(i), {
+            "status": "complete", "started": started, "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config_hash": part_hash, "inputs": inputs, "output": dir_fingerprint(out), "seed": cfg.run.seed,
+            "summary": _short(summary)})
+        summaries[str(i)] = summary
+    done = all(pipeline.part_is_complete(run_dir, STAGE, str(i), part_hash, inputs, run_dir / "specialized" / str(i))
+               for i in range(n))
+    return {"students": {k: _short(v) for k, v in summaries.items()}, "all_parts_complete": done,
+            "started": started}
+
+
+def _short(summary: dict) -> dict:
+    keys = ("shard", "tokens", "steps", "seconds", "tokens_per_s", "before", "after")
+    return {k: summary[k] for k in keys if k in summary}
+
+
+# --------------------------------------------------------------------------- one student
+
+
+def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) -> dict:
+    """Distil student i on shard i; write the HF folder to ``out``; return its train summary."""
+    from downscale import kd, models, train
+
+    cfg, scfg = ctx.cfg, ctx.cfg.specialize
+    tcfg = scfg.train
+    models.quiet_transformers()
+    models.configure_threads(cfg.run.threads)
+    device = models.resolve_device(cfg.run.device)
+    amp = models.autocast_dtype(cfg.run.precision, device)
+    if device.type == "cpu":
+        models.tune_cpu_allocator()
+    run_dir = ctx.run_dir
+    shard = shards[i]
+    student_dir, base_dir = run_dir / "students" / str(i), run_dir / "base"
+    if not (student_dir / "config.json").exists():
+        raise StageError(f"{student_dir}: missing student {i}; run `downscale compress` first")
+    teacher = load_teacher(base_dir, scfg, device, amp)  # also gives the validation KL
+    student = models.load_causal_lm(student_dir, dtype="float32", device=device)
+    try:
+        kd.check_same_vocab(student, teacher, student_dir, base_dir)
+    except ValueError as exc:
+        raise StageError(f"{student_dir}: specialize: {exc}") from None
+    student.config.use_cache = False
+    t_start = time.time()
+
+    val_blocks = {s: open_split(run_dir, s, "val") for s in shards}
+    eval_kw = dict(batch_size=tcfg.batch_size, max_batches=tcfg.eval_batches, device=device, amp=amp,
+                   chunk_tokens=scfg.kd_chunk_tokens)
+    before = evaluate_student(student, teacher, val_blocks, **eval_kw)
+    ctx.log(f"[specialize] student {i} ({shard}) before: CE {before[shard]['ce']:.4f}, "
+            f"KL to teacher {before[shard]['kl']:.4f} on its own shard")
+
+    if scfg.lora:
+        student = _apply_lora(student, scfg)
+    trainable = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    accelerator = train.make_accelerator(device, amp, tcfg.report_to, project_dir=ctx.work_dir(f"student-{i}"))
+    sources, fractions = [open_split(run_dir, shard, "train")], None
+    others = [s for s in shards if s != shard]
+    if scfg.replay_fraction > 0 and others:
+        sources += [open_split(run_dir, s, "train") for s in others]
+        fractions = [1 - scfg.replay_fraction] + [scfg.replay_fraction / len(others)] * len(others)
+    source_shards = [shard] + (others if fractions else [])
+    sampler = train.BlockSampler(sources, tcfg.batch_size * tcfg.grad_accum * accelerator.num_processes,
+                                 seed=cfg.run.seed + 1000 * (i + 1), fractions=fractions)
+    caches = None
+    if scfg.teacher == "cache":
+        caches = [ensure_teacher_cache(ctx, s, teacher, device, amp) for s in source_shards]
+    wrapper = DistillStudent(student, scfg)
+
+    def loss_fn(model, batch):
+        ids = batch["input_ids"]
+        if caches is not None:
+            order = torch.argsort(batch["source"], stable=True)
+            ids = ids[order]
+            src, blk = batch["source"][order].cpu().numpy(), batch["block"][order].cpu().numpy()
+            parts = [caches[s].sparse_teacher(blk[src == s]) for s in np.unique(src)]
+            target = kd.SparseTeacher.concat(parts).to(ids.device) if len(parts) > 1 else parts[0].to(ids.device)
+        elif scfg.kd_ratio > 0:
+            target = teacher_targets(teacher, ids, amp)
+        else:
+            target = None
+        return model(ids, target)
+
+    def validate(m) -> dict[str, float]:
+        res = evaluate_student(m.student, teacher, {shard: val_blocks[shard]}, **eval_kw)[shard]
+        return {f"ce/{shard}": res["ce"], f"kl/{shard}": res["kl"]}
+
+    work = ctx.work_dir(f"student-{i}")
+    result = train.fit(wrapper, cfg=tcfg, sampler=sampler, loss_fn=loss_fn, work_dir=work, accelerator=accelerator,
+                       validate=validate, desc=f"student {i} ({shard})", log=ctx.log,
+                       config_hash=cfg.section_hash("run.seed", "run.precision", "specialize") + f"-{i}")
+    wrapper = accelerator.unwrap_model(wrapper)
+    student = wrapper.student
+    changed = sum(not torch.equal(trainable[n], p.detach()) for n, p in student.named_parameters() if n in trainable)
+    if scfg.lora:
+        student = student.merge_and_unload()
+    student.eval()
+    after = evaluate_student(student, teacher, val_blocks, **eval_kw)
+    ctx.log(f"[specialize] student {i} ({shard}) after: CE {after[shard]['ce']:.4f}, "
+            f"KL to teacher {after[shard]['kl']:.4f} on its own shard")
+    summary = {
+        "student": i, "shard": shard, "tokens": result.tokens, "steps": result.steps,
+        "seconds": round(time.time() - t_start, 2), "train_seconds": round(result.seconds, 2),
+        "tokens_per_s": round(result.tokens_per_s, 1), "teacher_tokens": result.tokens if scfg.kd_ratio > 0 else 0,
+        "peak_memory_mb": round(result.peak_memory_mb or 0, 1), "peak_memory_kind": result.peak_memory_kind,
+        "trainable_params": len(trainable), "trainable_params_changed": int(changed),
+        "params": models.count_params(student), "resumed_from": result.resumed_from,
+        "kd": {"ratio": scfg.kd_ratio, "loss": scfg.kd_loss, "temperature": scfg.temperature,
+               "teacher": scfg.teacher, "teacher_quant": scfg.teacher_quant},
+        "lora": scfg.lora, "replay_fraction": scfg.replay_fraction, "world_size": accelerator.num_processes,
+        "before": before, "after": after,
+    }
+    if pipeline.is_main_process():
+        student.config.use_cache = True
+        models.save_causal_lm(student, out, tokenizer_dir=run_dir / "tokenizer",
+                              extra_files={"train_summary.json": summary})
+        import shutil
+
+        shutil.copy2(work / "metrics.jsonl", out / "metrics.jsonl")
+    return summary
+
+
+class DistillStudent(torch.nn.Module):
+    """Student + the distillation objective in one forward, so DDP / FSDP see a single module call."""
+
+    def __init__(self, student: torch.nn.Module, scfg: Any):
+        super().__init__()
+        self.student = student
+        self.scfg = scfg
+
+    def forward(self, input_ids: torch.Tensor, teacher: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        from downscale import kd
+
+        s = self.scfg
+        hidden = self.student.get_decoder()(input_ids=input_ids).last_hidden_state  # [B, T, H]
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [B*(T-1), H]: position t predicts token t+1
+        labels = input_ids[:, 1:].reshape(-1)
+        head = self.student.get_output_embeddings().weight  # [V, H]
+        return kd.distill_loss(h, head, labels, teacher, kd_ratio=s.kd_ratio, kind=s.kd_loss,
+                               temperature=s.temperature, beta=s.jsd_beta, alpha=s.skew_alpha,
+                               chunk_tokens=s.kd_chunk_tokens)
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+def load_teacher(base_dir: Path, scfg: Any, device, amp):
+    """The base as a frozen teacher: bf16 on GPU (or under bf16 autocast), 8-/4-bit via bitsandbytes."""
+    import torch
+
+    from downscale import models
+
+    if not (base_dir / "config.json").exists():
+        raise StageError(f"{base_dir}: missing base model; run `downscale base` first")
+    if scfg.teacher_quant != "none":
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        q = (BitsAndBytesConfig(load_in_8bit=True) if scfg.teacher_quant == "8bit" else
+             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_compute_dtype=amp or torch.float32))
+        teacher = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=q, attn_implementation="sdpa",
+                                                       device_map={"": device})
+    else:
+        dtype = "bfloat16" if (device.type == "cuda" or amp == torch.bfloat16) else "float32"
+        teacher = models.load_causal_lm(base_dir, dtype=dtype, device=device)
+    teacher.eval()
+    teacher.config.use_cache = False
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def teacher_targets(teacher, ids, amp):
+    """Dense teacher targets for a batch: final hidden states (logits are made per chunk in the loss)."""
+    import torch
+
+    from downscale import kd, models
+
+    with torch.no_grad(), models.autocast(ids.device, amp):
+        hidden = teacher.get_decoder()(input_ids=ids).last_hidden_state  # [B, T, H_T]
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    return kd.DenseTeacher(h, teacher.get_output_embeddings().weight)
+
+
+def ensure_teacher_cache(ctx: StageContext, shard: str, teacher, device, amp):
+    """Open (or build, then open) the teacher cache of ``shard``; rebuilt when the base or data changed."""
+    from downscale import teacher_cache
+    from downscale._io import dir_fingerprint
+
+    scfg = ctx.cfg.specialize
+    root = Path(scfg.cache_dir) if scfg.cache_dir else ctx.run_dir / "work" / "teacher_cache"
+    path = root / shard
+    expect = {"teacher": dir_fingerprint(ctx.run_dir / "base"),
+              "data": dir_fingerprint(ctx.run_dir / "data" / shard / "train.bin"),
+              "top_k": scfg.cache_top_k, "temperature": scfg.temperature}
+    try:
+        return teacher_cache.TeacherCache.open(path, expect=expect)
+    except (FileNotFoundError, ValueError) as exc:
+        if scfg.cache_dir and path.exists() and "another" in str(exc):
+            raise StageError(f"{ctx.cfg._source}: specialize.cache_dir: {exc}") from None
+        ctx.log(f"[specialize] building the teacher cache of shard {shard} ({exc})")
+    teacher_cache.build_teacher_cache(teacher, open_split(ctx.run_dir, shard, "train"), path,
+                                      top_k=scfg.cache_top_k, temperature=scfg.temperature,
+                                      batch_size=scfg.train.batch_size, device=device, amp_dtype=amp,
+                                      fingerprints=expect)
+    return teacher_cache.TeacherCache.open(path, expect=expect)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_student(student, teacher, blocks_by_shard: dict[str, np.ndarray], *, batch_size: int,
+                     max_batches: int | None, device, amp, chunk_tokens: int = 1024) -> dict[str, dict[str, float]]:
+    """Per shard: mean next-token CE of the student and forward KL(teacher || student), pooled by tokens,
+    computed chunk by chunk from hidden states (never the full [B, T, V] logits of both)."""
+    import torch
+
+    from downscale import kd, models
+
+    was_training = student.training
+    student.eval()
+    out = {}
+    s_head = student.get_output_embeddings().weight
+    t_head = teacher.get_output_embeddings().weight if teacher is not None else None
+    with torch.no_grad():
+        for shard, blocks in blocks_by_shard.items():
+            ce_sum, kl_sum, count = 0.0, 0.0, 0
+            n = len(blocks) if max_batches is None else min(len(blocks), max_batches * batch_size)
+            for start in range(0, n, batch_size):
+                ids = torch.as_tensor(np.asarray(blocks[start:start + batch_size], dtype=np.int64), device=device)
+                with models.autocast(device, amp):
+                    hs = student.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]
+                    ht = teacher.get_decoder()(input_ids=ids).last_hidden_state[:, :-1] if teacher else None
+                hs = hs.reshape(-1, hs.shape[-1])
+                labels = ids[:, 1:].reshape(-1)
+                for c in range(0, len(labels), chunk_tokens):
+                    ls = (hs[c:c + chunk_tokens].float() @ s_head.float().T)
+                    ce_sum += float(torch.nn.functional.cross_entropy(ls, labels[c:c + chunk_tokens],
+                                                                      reduction="sum"))
+                    if ht is not None:
+                        lt = ht.reshape(-1, ht.shape[-1])[c:c + chunk_tokens].float() @ t_head.float().T
+                        kl_sum += float(kd.kd_divergence(ls, lt, "forward_kl").sum())
+                count += len(labels)
+            out[shard] = {"ce": ce_sum / max(count, 1), "kl": kl_sum / max(count, 1) if teacher else None,
+                          "tokens": count}
+    if was_training:
+        student.train()
+    return out
+
+
+def _apply_lora(student, scfg):
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lcfg = LoraConfig(r=scfg.lora_rank, lora_alpha=scfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(student, lcfg)
