@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Thin script for `downscale evaluate CONFIG [key.path=value ...]` (same code, same flags)."""
+
+import sys
+
+from downscale.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["evaluate", *sys.argv[1:]]))
