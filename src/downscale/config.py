@@ -196,11 +196,15 @@ class BaseConfig(_Section):
 class ShapeConfig(_Section):
     """An explicit student shape; any field left null is chosen by the planner."""
 
-    hidden_size: int | None = Field(None, ge=8)
-    intermediate_size: int | None = Field(None, ge=8)
-    num_heads: int | None = Field(None, ge=1)
-    num_kv_heads: int | None = Field(None, ge=1)
-    num_layers: int | None = Field(None, ge=1)
+    hidden_size: int | None = Field(None, ge=8, description="Student hidden size (residual width); null: planned.")
+    intermediate_size: int | None = Field(None, ge=8, description="Student MLP channels per layer; null: planned.")
+    num_heads: int | None = Field(
+        None, ge=1, description="Student query heads per layer (head_dim is kept); null: planned."
+    )
+    num_kv_heads: int | None = Field(
+        None, ge=1, description="Student key/value heads per layer (must divide num_heads); null: planned."
+    )
+    num_layers: int | None = Field(None, ge=1, description="Student decoder layers; null: planned (see prune_depth).")
 
 
 class CompressConfig(_Section):
@@ -208,18 +212,33 @@ class CompressConfig(_Section):
         None, ge=1, description="How many students; null: one per shard. Student i specializes on shard i."
     )
     target_params: float | None = Field(
-        0.5, gt=0, description="Parameter target: a fraction of the base if <= 1, else an absolute count."
+        0.5, gt=0, description="Parameter target: a fraction of the base if <= 1, else an absolute count; "
+                               "ignored when every shape field is set; null: unset shape fields keep the base size."
     )
     shape: ShapeConfig = Field(default_factory=ShapeConfig, description="Explicit shape (overrides the planner).")
-    importance: Literal["magnitude", "activation", "taylor"] = Field("activation")
+    importance: Literal["magnitude", "activation", "taylor"] = Field(
+        "activation", description="Channel/head/layer scores: weight magnitude, mean |activation| on calibration "
+                                  "data (Minitron), or first-order Taylor |grad x weight| on calibration data."
+    )
     calibration: Literal["own_shard", "all_shards"] = Field("own_shard", description="Calibration text per student.")
-    calibration_sequences: int = Field(64, ge=1)
+    calibration_sequences: int = Field(64, ge=1, description="Calibration blocks (train split) per importance pass.")
+    calibration_batch_size: int = Field(8, ge=1, description="Calibration blocks per forward (and backward) pass.")
+    val_blocks: int = Field(
+        32, ge=1, description="Val blocks per shard scored right after pruning (and for the base, for comparison)."
+    )
     head_mode: Literal["within_groups", "whole_groups"] = Field(
         "within_groups", description="GQA head pruning: query heads inside each KV group, or whole KV groups."
     )
     round_to: int = Field(8, ge=1, description="Hidden and MLP sizes are rounded down to a multiple of this.")
     prune_depth: bool = Field(False, description="Allow removing whole decoder layers.")
-    rounds: int = Field(1, ge=1, description="Iterative pruning rounds.")
+    split_mlp: float = Field(
+        1.0, ge=0, description="Split policy: a dimension keeps r**split of its size (r solved for the target); "
+                               "the MLP exponent (largest: MLP is cut most, per Minitron)."
+    )
+    split_hidden: float = Field(0.5, ge=0, description="Split policy exponent of the hidden size (0: never cut).")
+    split_heads: float = Field(0.5, ge=0, description="Split policy exponent of the attention heads (0: never cut).")
+    split_depth: float = Field(0.5, ge=0, description="Split policy exponent of the layer count (with prune_depth).")
+    rounds: int = Field(1, ge=1, description="Iterative pruning rounds (raised if max_cut_per_round needs more).")
     max_cut_per_round: float = Field(0.5, gt=0, le=1, description="Largest parameter fraction cut in one round.")
     norm_rescale: bool = Field(True, description="Rescale RMSNorm weights after hidden pruning.")
 

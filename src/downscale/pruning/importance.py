@@ -1,0 +1,244 @@
+"""Importance scores of every prunable unit: MLP channels, query heads, KV heads, hidden channels, layers.
+
+Three methods (``compress.importance``):
+
+- ``magnitude``: the squared L2 norm of every weight slice a unit owns (``structure.RULES``).
+- ``activation`` (Minitron, Muralidharan et al. 2024): on calibration blocks, mean |activation|
+  of each MLP channel (the input of down_proj), the mean L2 norm of each head's output (the input
+  of o_proj, per head), hidden channels from the RMSNorm outputs, mean |x| summed over all norms,
+  and layer importance = mean over tokens of 1 - cosine(layer input, layer output) (ShortGPT's
+  block influence).
+- ``taylor``: first-order Taylor, sum over calibration batches of |grad x weight| over every weight
+  slice a unit owns (the gradient of the mean next-token loss). Each gradient is reduced to unit
+  scores the moment it is accumulated and then freed, so an 8B model never holds a full gradient.
+
+Every calibration pass also records each RMSNorm's input mean square per channel (``norm_ms``),
+which the hidden-size surgery uses to rescale norm weights. Scores are small (a few vectors per
+layer) and are cached as safetensors (see ``save_scores`` / ``load_scores``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from downscale.pruning.structure import RULES, decoder_layers, norm_modules, parse_name
+
+METHODS = ("magnitude", "activation", "taylor")
+
+
+@dataclass
+class Scores:
+    """Unit scores in the indexing of the model they were computed on (higher = more important)."""
+
+    method: str
+    mlp: torch.Tensor  # [L, I]
+    heads: torch.Tensor  # [L, H]
+    kv: torch.Tensor  # [L, KV]: a KV head's own k/v weights (0 for activation: groups use their heads)
+    hidden: torch.Tensor  # [D]
+    layers: torch.Tensor  # [L]
+    norm_ms: torch.Tensor | None = None  # [2L+1, D]: mean square of each RMSNorm's input per channel
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {k: getattr(self, k).contiguous() for k in ("mlp", "heads", "kv", "hidden", "layers")}
+        if self.norm_ms is not None:
+            out["norm_ms"] = self.norm_ms.contiguous()
+        return out
+
+
+def _empty(model, method: str) -> Scores:
+    c = model.config
+    n_layers, hidden = c.num_hidden_layers, c.hidden_size
+    z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731 - float64 sums over many tokens
+    return Scores(method, z(n_layers, c.intermediate_size), z(n_layers, c.num_attention_heads),
+                  z(n_layers, c.num_key_value_heads), z(hidden), z(n_layers))
+
+
+def _head_dim(model) -> int:
+    c = model.config
+    return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+
+
+def _accumulate(scores: Scores, name: str, t: torch.Tensor, head_dim: int) -> None:
+    """Add the element scores ``t`` (same shape as parameter ``name``) to the units that own them."""
+    layer, leaf = parse_name(name)
+    t = t.float()
+    for unit, axis in RULES[leaf].items():
+        other = [d for d in range(t.dim()) if d != axis]
+        vec = (t.sum(dim=other) if other else t).double().cpu()
+        if unit in ("heads", "kv"):
+            vec = vec.view(-1, head_dim).sum(1)
+        if unit == "hidden":
+            scores.hidden += vec
+        else:
+            getattr(scores, unit)[layer] += vec
+    if layer is not None:
+        scores.layers[layer] += float(t.sum())
+
+
+@torch.no_grad()
+def magnitude_scores(model) -> Scores:
+    """Squared L2 norm of each unit's weight slices (a tied embedding counted once)."""
+    scores = _empty(model, "magnitude")
+    hd = _head_dim(model)
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        _accumulate(scores, name, p.float().square(), hd)
+    return scores
+
+
+class _Hooks:
+    """Forward hooks that collect activation scores and norm input statistics."""
+
+    def __init__(self, model, scores: Scores):
+        self.scores, self.handles = scores, []
+        hd = _head_dim(model)
+        self.ms = torch.zeros(2 * model.config.num_hidden_layers + 1, model.config.hidden_size, dtype=torch.float64)
+        for i, layer in enumerate(decoder_layers(model)):
+            self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._mlp(i)))
+            self.handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._heads(i, hd)))
+            self.handles.append(layer.register_forward_hook(self._layer(i), with_kwargs=True))
+        for row, norm in enumerate(norm_modules(model)):
+            self.handles.append(norm.register_forward_hook(self._norm(row)))
+
+    def _mlp(self, i):
+        def hook(mod, args):
+            x = args[0].detach()  # [B, T, I]
+            self.scores.mlp[i] += x.float().abs().sum(dim=(0, 1)).double().cpu()
+        return hook
+
+    def _heads(self, i, hd):
+        def hook(mod, args):
+            x = args[0].detach()  # [B, T, H * hd]
+            per_head = x.float().view(*x.shape[:-1], -1, hd).norm(dim=-1)  # [B, T, H]
+            self.scores.heads[i] += per_head.sum(dim=(0, 1)).double().cpu()
+        return hook
+
+    def _layer(self, i):
+        def hook(mod, args, kwargs, out):
+            x_in = args[0] if args else kwargs["hidden_states"]
+            x_out = out[0] if isinstance(out, tuple) else out
+            cos = torch.nn.functional.cosine_similarity(x_in.detach().float(), x_out.detach().float(), dim=-1)
+            self.scores.layers[i] += float((1 - cos).sum())
+        return hook
+
+    def _norm(self, row):
+        def hook(mod, args, out):
+            x = args[0].detach().float()  # [B, T, D]
+            self.ms[row] += x.square().sum(dim=(0, 1)).double().cpu()
+            self.scores.hidden += out.detach().float().abs().sum(dim=(0, 1)).double().cpu()
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def calibration_scores(model, blocks: np.ndarray, method: str, batch_size: int, device: torch.device,
+                       amp: torch.dtype | None = None, desc: str = "calibration") -> Scores:
+    """Scores from one pass over calibration ``blocks`` [N, T] (token ids) in batches.
+
+    ``activation`` and ``magnitude`` run forward only (magnitude uses the pass only for the norm
+    statistics); ``taylor`` also runs backward and reduces each gradient to unit scores as it lands.
+    Every method returns ``norm_ms``.
+    """
+    from tqdm.auto import tqdm
+
+    from downscale.models import autocast
+
+    if method not in METHODS:
+        raise ValueError(f"unknown importance method {method!r}; one of {', '.join(METHODS)}")
+    act = _empty(model, "activation")
+    hooks = _Hooks(model, act)
+    taylor = _empty(model, "taylor") if method == "taylor" else None
+    grad_hooks, saved_flags = [], {}
+    was_training = model.training
+    model.eval()
+    if taylor is not None:
+        hd = _head_dim(model)
+        seen = set()
+        for name, p in model.named_parameters():
+            saved_flags[name] = p.requires_grad
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            p.requires_grad_(True)
+
+            def on_grad(param, name=name):
+                _accumulate(taylor, name, (param.grad.float() * param.detach().float()).abs(), hd)
+                param.grad = None  # freed at once: never a full set of gradients in memory
+
+            grad_hooks.append(p.register_post_accumulate_grad_hook(on_grad))
+    tokens = 0
+    try:
+        bar = tqdm(range(0, len(blocks), batch_size), desc=desc, unit="batch", file=sys.stderr, leave=False,
+                   disable=os.environ.get("DOWNSCALE_NO_PROGRESS") == "1")
+        for start in bar:
+            x = torch.as_tensor(np.asarray(blocks[start:start + batch_size], dtype=np.int64), device=device)
+            tokens += x.numel()
+            if taylor is None:
+                with torch.no_grad(), autocast(device, amp):
+                    model(input_ids=x, use_cache=False)
+            else:
+                with autocast(device, amp):
+                    logits = model(input_ids=x, use_cache=False).logits  # [B, T, V]
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+                del logits
+                loss.backward()
+    finally:
+        hooks.remove()
+        for h in grad_hooks:
+            h.remove()
+        for name, p in model.named_parameters():
+            if name in saved_flags:
+                p.requires_grad_(saved_flags[name])
+            p.grad = None
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("no calibration blocks")
+    for name in ("mlp", "heads", "hidden", "layers"):
+        setattr(act, name, getattr(act, name) / tokens)
+    norm_ms = hooks.ms / tokens
+    if method == "activation":
+        out = act
+    elif method == "taylor":
+        out = taylor
+    else:
+        out = magnitude_scores(model)
+    out.norm_ms = norm_ms
+    out.meta = {"tokens": str(tokens), "blocks": str(len(blocks))}
+    return out
+
+
+def save_scores(scores: Scores, path: str | Path) -> None:
+    """Write scores as safetensors (temporary name, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(scores.tensors(), str(tmp), metadata={"method": scores.method, **scores.meta})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_scores(path: str | Path) -> Scores:
+    """Read scores written by ``save_scores``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata() or {})
+        t = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no iterator
+    method = meta.pop("method")
+    return Scores(method, t["mlp"], t["heads"], t["kv"], t["hidden"], t["layers"], t.get("norm_ms"), meta)
