@@ -280,15 +280,31 @@ def rounds_needed(base_total: int, final_total: int, rounds: int, max_cut_per_ro
 
 def plan_rounds(info: ArchInfo, final: Shape, rounds: int, max_cut_per_round: float, policy: Policy) -> list[Shape]:
     """The shapes after each round: geometric steps in parameter count from the base to ``final``,
-    each planned with the same policy, made monotone (every dimension shrinks or stays), ending at ``final``."""
+    each planned with the same policy, made monotone (every dimension shrinks or stays), ending at
+    ``final``. Rounds are added until no round cuts more than ``max_cut_per_round`` of its input."""
     base_total = count_params(info)["total"]
     final_total = count_params(info, final)["total"]
     k = rounds_needed(base_total, final_total, rounds, max_cut_per_round)
+    while True:
+        shapes = _round_shapes(info, final, k, policy)
+        totals = [base_total] + [count_params(info, s)["total"] for s in shapes]
+        worst = max(1 - b / a for a, b in zip(totals, totals[1:], strict=False))
+        if worst <= max_cut_per_round + 1e-9 or k >= 4 * max(rounds, 8):
+            return shapes
+        k += 1
+
+
+def _round_shapes(info: ArchInfo, final: Shape, k: int, policy: Policy) -> list[Shape]:
+    base_total = count_params(info)["total"]
+    final_total = count_params(info, final)["total"]
     shapes: list[Shape] = []
     for i in range(1, k):
         goal = base_total * (final_total / base_total) ** (i / k)
         # intermediate rounds follow the policy freely; the clamps below keep them above the final shape
-        shapes.append(plan(info, float(max(goal, final_total + 1)), None, policy, rounds=1).shape)
+        try:
+            shapes.append(plan(info, float(max(goal, final_total + 1)), None, policy, rounds=1).shape)
+        except PlanError:  # the free policy cannot reach this step (a fixed dimension below its floor)
+            shapes.append(final)
     shapes.append(final)
     fields = ("hidden_size", "intermediate_size", "num_kv_heads", "num_layers")
 
