@@ -272,13 +272,57 @@ class SpecializeConfig(_Section):
 
 class CombineConfig(_Section):
     modes: list[Literal["logit_mean", "prob_mean", "routed", "weighted"]] = Field(
-        default_factory=lambda: ["logit_mean", "prob_mean", "routed"]
+        default_factory=lambda: ["logit_mean", "prob_mean", "routed"], min_length=1,
+        description="Ensemble modes to build and evaluate: mean of logits (product of experts), mean of "
+                    "probabilities (mixture), routed mixture, fixed-weight mixture.",
     )
-    router: Literal["bayes", "cluster"] = Field("bayes")
-    router_prefix: int = Field(32, ge=1, description="Prefix tokens the router sees.")
-    router_temperature: float = Field(1.0, gt=0)
-    router_top_k: int | None = Field(None, ge=1)
-    weights: list[float] | None = Field(None, description="Fixed weights for mode 'weighted'.")
+    default_mode: Literal["logit_mean", "prob_mean", "routed", "weighted"] | None = Field(
+        None, description="Mode that load_ensemble uses when none is asked for; null: the first of modes."
+    )
+    source: Literal["specialized", "students"] = Field(
+        "specialized", description="Which student folders to combine: specialized/<i> or the pruned students/<i>."
+    )
+    router: Literal["bayes", "cluster"] = Field(
+        "bayes", description="Mode routed: bayes (causal posterior from each student's likelihood of the tokens "
+                             "seen, prior from validation data) or cluster (c-BTM distance to the data clusters)."
+    )
+    router_prefix: int | None = Field(
+        None, ge=1, description="Tokens of each sequence the router sees, after which its weights are frozen; "
+                                "null: every token seen so far."
+    )
+    router_temperature: float = Field(
+        1.0, gt=0, description="Divides the Bayes evidence (1: exact posterior) or the cluster distances."
+    )
+    router_top_k: int | None = Field(None, ge=1, description="Keep only the k largest router weights per position.")
+    weights: list[float] | None = Field(
+        None, description="Fixed weights for mode 'weighted': one per student, non-negative, summing to 1."
+    )
+    prior: Literal["em", "uniform"] = Field(
+        "em", description="Bayes router prior: EM estimate on the validation blocks of all shards, or uniform."
+    )
+    prior_blocks: int = Field(64, ge=1, description="Validation blocks per shard used to estimate the prior.")
+    prior_smoothing: float = Field(
+        1.0, ge=0, description="Dirichlet pseudo-count per student in the prior estimate (keeps every prior > 0)."
+    )
+    batch_size: int = Field(8, ge=1, description="Blocks per forward pass while estimating the prior.")
+    fast_path: bool = Field(
+        True, description="Run students of one shape as one stacked batched computation (else one by one)."
+    )
+
+    @model_validator(mode="after")
+    def _check_combine(self) -> CombineConfig:
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError("combine.modes must not repeat a mode")
+        if self.default_mode is not None and self.default_mode not in self.modes:
+            raise ValueError(f"combine.default_mode {self.default_mode!r} must be one of combine.modes")
+        if "weighted" in self.modes and self.weights is None:
+            raise ValueError("combine.modes has 'weighted': set combine.weights (one weight per student)")
+        if self.weights is not None:
+            if any(w < 0 for w in self.weights):
+                raise ValueError(f"combine.weights must be non-negative; got {self.weights}")
+            if abs(sum(self.weights) - 1.0) > 1e-6:
+                raise ValueError(f"combine.weights must sum to 1; they sum to {sum(self.weights):.6g}")
+        return self
 
 
 class EvaluateConfig(_Section):
