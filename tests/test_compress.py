@@ -96,6 +96,11 @@ def test_iterative_rounds_call_recover_between_rounds(tmp_path):
         assert st["calibration_shards"] == ["code", "legal", "prose"]
     # all shards calibrate every student: one cached score file serves all three
     assert len(list((cfg.run_dir / "work" / "compress" / "scores").glob("*.safetensors"))) == 1
+    # without a recover hook the rounds still happen (scores recomputed on the round-1 student)
+    pipeline.run_stage(cfg, "compress", force=True)
+    report = json.loads((cfg.run_dir / "students" / "compress.json").read_text())
+    for st in report["students"]:
+        assert [r["scores"] for r in st["rounds"]] == ["cached", "computed"] and not st["recovered_between_rounds"]
 
 
 def test_plan_json_for_published_config(tmp_path, capsys):

@@ -164,10 +164,13 @@ def resolve_target(target: float | None, base_total: int) -> int | None:
     return absolute
 
 
-def _keep(base: int, frac: float, step: int, floor: int) -> int:
+def _keep(base: int, frac: float, step: int, floor: int, nearest: bool = False) -> int:
+    """``base * frac`` rounded down (or to the nearest, for coarse counts such as heads and layers) to a
+    multiple of ``step``, at least ``floor``, at most ``base``. Monotone in ``frac``."""
     if frac >= 1:
         return base
-    return min(base, max(floor, int(math.floor(base * frac / step + 1e-9)) * step))
+    units = base * frac / step + (0.5 if nearest else 1e-9)
+    return min(base, max(floor, int(math.floor(units)) * step))
 
 
 def _heads(info: ArchInfo, frac: float, mode: str, fixed_heads: int | None, fixed_kv: int | None) -> tuple[int, int]:
@@ -176,7 +179,7 @@ def _heads(info: ArchInfo, frac: float, mode: str, fixed_heads: int | None, fixe
     if fixed_heads is not None and fixed_kv is not None:
         return fixed_heads, fixed_kv
     if fixed_kv is not None:
-        g = g0 if mode == "whole_groups" else _keep(g0, frac, 1, 1)
+        g = g0 if mode == "whole_groups" else _keep(g0, frac, 1, 1, nearest=True)
         return fixed_kv * g, fixed_kv
     if fixed_heads is not None:
         if mode == "within_groups" and fixed_heads % kv0 == 0:
@@ -185,9 +188,9 @@ def _heads(info: ArchInfo, frac: float, mode: str, fixed_heads: int | None, fixe
             return fixed_heads, fixed_heads // g0
         return fixed_heads, kv0  # not a valid ratio: check_shape names it
     if mode == "whole_groups" or g0 == 1:  # full attention: a query head is a whole group
-        kv = _keep(kv0, frac, 1, 1)
+        kv = _keep(kv0, frac, 1, 1, nearest=True)
         return kv * g0, kv
-    g = _keep(g0, frac, 1, 1)
+    g = _keep(g0, frac, 1, 1, nearest=True)
     return kv0 * g, kv0
 
 
@@ -231,7 +234,7 @@ def plan(info: ArchInfo, target: float | None, fixed: dict[str, int | None] | No
             intermediate_size=fixed.get("intermediate_size",
                                         _keep(b.intermediate_size, f["mlp"], policy.round_to, policy.round_to)),
             num_heads=heads, num_kv_heads=kv,
-            num_layers=fixed.get("num_layers", _keep(b.num_layers, f["depth"], 1, 1)),
+            num_layers=fixed.get("num_layers", _keep(b.num_layers, f["depth"], 1, 1, nearest=True)),
         )
 
     def total(s: Shape) -> int:

@@ -120,7 +120,7 @@ def extract_student(model, shape: Shape, keep: Keep, norm_ms: torch.Tensor | Non
         if rescale is not None:
             row = norm_row(name, n_layers)
             if row is not None:
-                t = (t.float() * rescale[row]).to(p.dtype)
+                t = (t.float() * float(rescale[row])).to(p.dtype)
         if t.data_ptr() == p.data_ptr():
             t = t.clone()  # an unpruned tensor: the student must not share storage with the source
         state[name if layer is None else rename_layer(name, j)] = t.contiguous()
