@@ -43,7 +43,14 @@ def trained(tmp_path_factory):
     val = np.concatenate([open_split(run, s, "val") for s in ("code", "prose")])
     model = tiny_model("llama", vocab_size=meta["vocab_size"], hidden=64, intermediate=192, layers=4, heads=8,
                        kv_heads=4, tied=True)
-    train_briefly(model, train, steps=500, lr=3e-3, batch=16)
+    # One thread: this model is too small to gain from two (3.7 vs 3.2 s per 100 steps idle), and two
+    # threads on a loaded 2-core machine spin-wait (measured 3.3x slower than one).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_briefly(model, train, steps=500, lr=3e-3, batch=16)
+    finally:
+        torch.set_num_threads(threads)
     return model, train, val
 
 
