@@ -256,3 +256,30 @@ def test_coupling_agrees_with_torch_pruning_dependency_graph(arch):
     assert hidden == _rule_axes(model, "hidden")
     mlp = _dg_axes(model, model.model.layers[1].mlp.gate_proj, "prune_linear_out_channels")
     assert mlp == _rule_axes(model, "mlp", layer=1)
+
+
+def test_qwen2_sliding_window_layers_survive_depth_pruning(tmp_path):
+    """Per-layer attention types follow the kept layers; the student equals the masked base and reloads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, use_sliding_window=True,
+                                  sliding_window=4, max_window_layers=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    assert model.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    scores = magnitude_scores(model)
+    scores.layers = torch.tensor([4.0, 1.0, 3.0, 2.0], dtype=torch.float64)  # keep layers 0 and 2
+    shape = Shape(32, 48, 4, 2, 2)
+    keep = select_units(scores, model.config, shape)
+    assert keep.layers == [0, 2]
+    student = extract_student(model, shape, keep).eval()
+    assert student.config.layer_types == ["full_attention", "sliding_attention"]
+    assert student.config.max_window_layers == 1
+    x = torch.randint(0, VOCAB, (2, 12))  # longer than the window: the sliding layer really slides
+    save_causal_lm(student, tmp_path / "s")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s", attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        assert torch.equal(student(x).logits, reloaded(x).logits)
+        torch.testing.assert_close(student(x).logits, _mask_like_keep(model, keep, shape)(x).logits,
+                                   rtol=1e-4, atol=1e-5)

@@ -44,6 +44,7 @@ class Shape:
     num_layers: int
 
     def as_dict(self) -> dict[str, int]:
+        """The shape as JSON-ready field -> size."""
         return asdict(self)
 
 
@@ -139,6 +140,7 @@ class Plan:
     round_params: list[dict[str, int]]
 
     def to_dict(self) -> dict:
+        """The plan as printed by ``--plan --json`` and stored in compress.json."""
         total = self.base_params["total"]
         return {
             "model_type": self.model_type,
