@@ -299,3 +299,17 @@ def test_bayes_routing_finds_the_right_specialist(tmp_path):
         with torch.no_grad():
             own = float(students[i](input_ids=test[d], labels=test[d]).loss)
         assert routed < uniform and routed < own + 0.1, (d, routed, uniform, own)
+
+
+def test_mixture_from_logits_is_exact_even_for_very_unlikely_tokens():
+    from downscale.routing import mixture_from_logits
+
+    z = torch.randn(3, 4, 50) * 3
+    z[:, 1, 7] = -200.0  # ~200 nats below the rest under every student: the fast sum underflows here
+    z[0, 2, :] += 500.0  # huge logits
+    log_w = torch.log_softmax(torch.randn(3, 4), dim=0)
+    ref = torch.logsumexp(torch.log_softmax(z.double(), -1) + log_w.double()[..., None], dim=0)
+    got, lse = mixture_from_logits(z, log_w)
+    torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-6)
+    assert torch.isfinite(got).all() and float(got[1, 7]) < -150
+    torch.testing.assert_close(lse, torch.logsumexp(z, -1))

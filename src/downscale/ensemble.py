@@ -213,10 +213,11 @@ class EnsembleModel(torch.nn.Module):
         return ids, mask, positions, bool((mask == 0).any())
 
     def _score_chunks(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, padded: bool, q: int,
-                      cache: EnsembleCache | None, new_cache: EnsembleCache | None,
-                      keep_from: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Yield (t0, t1, Z): the students' logits Z [n, B, t1 - t0, V] for new positions [t0, t1), in
-        order, for the positions from ``keep_from`` on. Updates the KV caches of ``new_cache``."""
+                      cache: EnsembleCache | None, new_cache: EnsembleCache | None, keep_from: int,
+                      want_mean: bool = False) -> Iterator[tuple[int, int, torch.Tensor, bool]]:
+        """Yield (t0, t1, Z, is_mean) for new positions [t0, t1) from ``keep_from`` on, in order: the
+        students' logits Z [n, B, t1 - t0, V], or with ``want_mean`` their mean [1, B, t1 - t0, V]
+        (is_mean True). Updates the KV caches of ``new_cache``."""
         n, (B, S) = self.n, ids.shape
         past = S - q
         new_ids, new_pos = ids[:, past:], positions[:, past:]
@@ -234,10 +235,15 @@ class EnsembleModel(torch.nn.Module):
             h = stack.hidden(new_ids, new_pos, attn, kv)  # [n, B, q, d]
             if new_cache is not None:
                 new_cache.stacked = kv
+            if want_mean:
+                tc *= n  # one [B, tc, V] block per chunk instead of n
             for t0 in range(keep_from, q, tc):
                 t1 = min(q, t0 + tc)
                 hc = h[:, :, t0:t1].reshape(n, B * (t1 - t0), -1)
-                yield t0, t1, stack.logits(hc).view(n, B, t1 - t0, -1)
+                if want_mean:
+                    yield t0, t1, stack.mean_logits(hc).view(1, B, t1 - t0, -1), True
+                else:
+                    yield t0, t1, stack.logits(hc).view(n, B, t1 - t0, -1), False
             return
         zs, caches = [], []
         for i, student in enumerate(self.students):
@@ -253,9 +259,16 @@ class EnsembleModel(torch.nn.Module):
             caches.append(out.past_key_values)
         if new_cache is not None:
             new_cache.student_caches = caches
+        if want_mean:  # accumulate in place: no [n, B, q, V] stack
+            total = zs[0].float().clone()
+            for z in zs[1:]:
+                total += z
+            del zs
+            yield keep_from, q, total.div_(n)[None], True
+            return
         for t0 in range(keep_from, q, tc):
             t1 = min(q, t0 + tc)
-            yield t0, t1, torch.stack([z[:, t0 - keep_from:t1 - keep_from] for z in zs])
+            yield t0, t1, torch.stack([z[:, t0 - keep_from:t1 - keep_from] for z in zs]), False
 
     # ------------------------------------------------------------------ forward
 
@@ -300,30 +313,31 @@ class EnsembleModel(torch.nn.Module):
                 torch.zeros(self.n, B, dtype=torch.float64, device=ids.device)
             pending = cache.pending if cache is not None else None
         out = None
-        chunks = self._score_chunks(ids, mask, positions, padded, q, cache, new_cache, 0 if bayes else keep_from)
-        for t0, t1, z in chunks:
+        chunks = self._score_chunks(ids, mask, positions, padded, q, cache, new_cache, 0 if bayes else keep_from,
+                                    want_mean=mode == "logit_mean")
+        for t0, t1, z, is_mean in chunks:
             z = z.float()
             if mode == "logit_mean":
-                combined = z.mean(0)
+                combined = z[0] if is_mean else z.mean(0)
+            elif mode == "prob_mean":
+                combined, _ = routing.mixture_from_logits(z)
+            elif bayes:
+                lse = torch.logsumexp(z, dim=-1)  # [n, B, c]
+                tgt = input_ids[:, t0:t1]
+                first = pending.gather(-1, tgt[None, :, :1].expand(self.n, B, 1)) if pending is not None \
+                    else torch.zeros(self.n, B, 1, device=z.device)
+                inner = z[:, :, :-1].gather(-1, tgt[None, :, 1:, None].expand(self.n, B, -1, 1)).squeeze(-1)
+                inner = inner - lse[:, :, :-1]  # log p_i(x_{t+1} | x_<=t)
+                scores = torch.cat([first, inner], dim=-1).double()  # [n, B, c]
+                scores = torch.where(valid[None, :, t0:t1], scores, torch.zeros_like(scores))
+                cum = evidence[..., None] + scores.cumsum(-1)  # [n, B, c]
+                evidence, pending = cum[..., -1], z[:, :, -1] - lse[:, :, -1, None]
+                lw = routing.bayes_log_weights(cum, log_prior, self.router_temperature, self.top_k).float()
+                combined, _ = routing.mixture_from_logits(z, lw, lse)
+                if self._capture is not None:
+                    self._capture.append(lw)
             else:
-                logp = torch.log_softmax(z, dim=-1)  # [n, B, c, V]
-                if mode == "prob_mean":
-                    combined = torch.logsumexp(logp, dim=0) - math.log(self.n)
-                elif bayes:
-                    tgt = input_ids[:, t0:t1]
-                    first = pending.gather(-1, tgt[None, :, :1].expand(self.n, B, 1)) if pending is not None \
-                        else torch.zeros(self.n, B, 1, device=z.device)
-                    inner = logp[:, :, :-1].gather(-1, tgt[None, :, 1:, None].expand(self.n, B, -1, 1)).squeeze(-1)
-                    scores = torch.cat([first, inner], dim=-1).double()  # [n, B, c]
-                    scores = torch.where(valid[None, :, t0:t1], scores, torch.zeros_like(scores))
-                    cum = evidence[..., None] + scores.cumsum(-1)  # [n, B, c]
-                    evidence, pending = cum[..., -1], logp[:, :, -1]
-                    lw = routing.bayes_log_weights(cum, log_prior, self.router_temperature, self.top_k).float()
-                    combined = routing.mixture(logp, lw)
-                    if self._capture is not None:
-                        self._capture.append(lw)
-                else:
-                    combined = routing.mixture(logp, log_w[:, :, t0:t1])
+                combined, _ = routing.mixture_from_logits(z, log_w[:, :, t0:t1])
             if t1 <= keep_from:
                 continue
             if out is None:
@@ -361,12 +375,12 @@ class EnsembleModel(torch.nn.Module):
         B, q = input_ids.shape
         ids, mask, positions, padded = self._prepare(input_ids, None, None)
         out = torch.empty(self.n, B, q - 1, device=ids.device)
-        for t0, t1, z in self._score_chunks(ids, mask, positions, padded, q, None, None, 0):
-            logp = torch.log_softmax(z.float(), dim=-1)
+        for t0, t1, z, _ in self._score_chunks(ids, mask, positions, padded, q, None, None, 0):
             t1x = min(t1, q - 1)
             if t1x > t0:
+                z = z[:, :, :t1x - t0].float()
                 tgt = input_ids[None, :, t0 + 1:t1x + 1, None].expand(self.n, B, -1, 1)
-                out[:, :, t0:t1x] = logp[:, :, :t1x - t0].gather(-1, tgt).squeeze(-1)
+                out[:, :, t0:t1x] = z.gather(-1, tgt).squeeze(-1) - torch.logsumexp(z, dim=-1)
         return out
 
     # ------------------------------------------------------------------ generation

@@ -7,9 +7,15 @@ stacked KV cache, SwiGLU MLP, and the q/k/v biases of Qwen2. It reproduces the H
 forward op for op (the same fp32 RMSNorm, the same rotary formula through the students' own
 rotary module), so its logits match each student's own to fp32 rounding.
 
+Layout: q/k/v are stacked as one [n, (H + 2 Hkv) hd, d] matrix and gate/up as one [n, 2 I, d]
+(fewer, larger matmuls); the output heads as [V, n, d], so that the mean of the students' logits
+(mode ``logit_mean``) is a single [N, n d] x [n d, V] matmul instead of n [N, V] logit tensors.
+
 Memory: the stacked tensors *become* the students' storage (each student's parameter is re-pointed
 to its slice of the stack), so the fast path costs no second copy of the weights; the students
-stay usable one by one (the sequential path) and see the same numbers.
+stay usable one by one (the sequential path) and see the same numbers. The students' output heads
+(and tied embeddings) are then strided views: call ``.contiguous()`` on them before saving a
+student on its own.
 
 ``stack_incompatibility(students)`` says why a set of students cannot be stacked (different
 shapes, an unsupported architecture or attention variant); the ensemble then falls back to
@@ -28,7 +34,6 @@ _SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_l
                  "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "hidden_act", "attention_bias",
                  "mlp_bias", "rope_parameters", "rope_theta", "rope_scaling", "max_position_embeddings")
 _ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
-_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _field(config, name: str):
@@ -122,24 +127,35 @@ class StackedStudents:
         self.rotary = students[0].model.rotary_emb  # identical rope config in every student (checked)
         with torch.no_grad():
             bodies = [s.model for s in students]
-            self.embed = _stack([b.embed_tokens.weight for b in bodies])  # [n, V, d]
             self.layers = []
             for li in range(cfg.num_hidden_layers):
+                attn = [b.layers[li].self_attn for b in bodies]
+                mlp = [b.layers[li].mlp for b in bodies]
                 layer = {
-                    "ln1": _stack([b.layers[li].input_layernorm.weight for b in bodies]),
-                    "ln2": _stack([b.layers[li].post_attention_layernorm.weight for b in bodies]),
+                    "ln1": _stack([[b.layers[li].input_layernorm.weight for b in bodies]]),
+                    "ln2": _stack([[b.layers[li].post_attention_layernorm.weight for b in bodies]]),
+                    # q, k, v as one [n, (H + 2 Hkv) hd, d] matrix; gate and up as one [n, 2 I, d]
+                    "qkv": _stack([[getattr(a, p).weight for a in attn] for p in ("q_proj", "k_proj", "v_proj")]),
+                    "qkv.bias": _stack([[getattr(a, p).bias for a in attn] for p in ("q_proj", "k_proj", "v_proj")])
+                    if attn[0].q_proj.bias is not None else None,
+                    "o": _stack([[a.o_proj.weight for a in attn]]),
+                    "o.bias": _stack([[a.o_proj.bias for a in attn]]) if attn[0].o_proj.bias is not None else None,
+                    "gate_up": _stack([[m.gate_proj.weight for m in mlp], [m.up_proj.weight for m in mlp]]),
+                    "gate_up.bias": _stack([[m.gate_proj.bias for m in mlp], [m.up_proj.bias for m in mlp]])
+                    if mlp[0].gate_proj.bias is not None else None,
+                    "down": _stack([[m.down_proj.weight for m in mlp]]),
+                    "down.bias": _stack([[m.down_proj.bias for m in mlp]])
+                    if mlp[0].down_proj.bias is not None else None,
                 }
-                for name in _LINEARS:
-                    parent = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-                    mods = [getattr(getattr(b.layers[li], parent), name) for b in bodies]
-                    layer[name] = _stack([m.weight for m in mods])  # [n, out, in]
-                    layer[name + ".bias"] = _stack([m.bias for m in mods]) if mods[0].bias is not None else None
                 self.layers.append(layer)
-            self.norm = _stack([b.norm.weight for b in bodies])  # [n, d]
+            self.norm = _stack([[b.norm.weight for b in bodies]])  # [n, d]
             heads = [s.lm_head.weight for s in students]
-            tied = all(h is b.embed_tokens.weight for h, b in zip(heads, bodies, strict=True))
-            self.head = self.embed if tied else _stack(heads)  # [n, V, d]
-
+            embeds = [b.embed_tokens.weight for b in bodies]
+            self.tied = all(h is e for h, e in zip(heads, embeds, strict=True))
+            # The output heads as one [V, n, d] tensor: per-student logits are a strided bmm, and the mean
+            # of the students' logits is ONE matmul [N, n d] x [n d, V] (no n-fold [N, V] logits).
+            self.head_vnd = _stack_vnd(heads)
+            self.embed = None if self.tied else _stack([embeds])  # [n, V, d]; tied: the head is the embedding
     # ------------------------------------------------------------------ pieces
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -158,9 +174,14 @@ class StackedStudents:
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding, bit-identical to HF's (x * cos) + (rotate_half(x) * sin) without the cat:
+        first half x1 c - x2 s, second half x2 c + x1 s. ``x`` [n, B, q, heads, hd] (a view)."""
         half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return (x * cos) + (rotated * sin)
+        x1, x2 = x[..., :half], x[..., half:]
+        out = x * cos
+        out[..., :half] -= x2 * sin[..., :half]
+        out[..., half:] += x1 * sin[..., half:]
+        return out
 
     # ------------------------------------------------------------------ forward
 
@@ -174,9 +195,12 @@ class StackedStudents:
         """
         n, (B, q) = self.n, input_ids.shape
         H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        x = self.embed[:, input_ids].reshape(n, B * q, -1)  # [n, N, d]
+        if self.tied:
+            x = self.head_vnd[input_ids].permute(2, 0, 1, 3).reshape(n, B * q, -1)  # [n, N, d]
+        else:
+            x = self.embed[:, input_ids].reshape(n, B * q, -1)
         cos, sin = self.rotary(x, position_ids)  # [B, q, hd]
-        cos, sin = cos[None, :, None], sin[None, :, None]  # [1, B, 1, q, hd]
+        cos, sin = cos[None, :, :, None], sin[None, :, :, None]  # [1, B, q, 1, hd]
         past = cache.length if cache is not None else 0
         attn_mask = None
         if mask is not None:
@@ -186,39 +210,56 @@ class StackedStudents:
             raise ValueError("several new tokens after a cache need an explicit mask")
         for li, layer in enumerate(self.layers):
             h = self._rms(x, layer["ln1"])
-            qs = self._linear(h, layer["q_proj"], layer["q_proj.bias"]).view(n, B, q, H, hd).transpose(2, 3)
-            ks = self._linear(h, layer["k_proj"], layer["k_proj.bias"]).view(n, B, q, Hkv, hd).transpose(2, 3)
-            vs = self._linear(h, layer["v_proj"], layer["v_proj.bias"]).view(n * B, q, Hkv, hd).transpose(1, 2)
-            qs = self._rotate(qs, cos, sin).reshape(n * B, H, q, hd)
-            ks = self._rotate(ks, cos, sin).reshape(n * B, Hkv, q, hd)
+            qkv = self._linear(h, layer["qkv"], layer["qkv.bias"]).view(n, B, q, H + 2 * Hkv, hd)
+            qs = self._rotate(qkv[:, :, :, :H], cos, sin).reshape(n * B, q, H, hd).transpose(1, 2)
+            ks = self._rotate(qkv[:, :, :, H:H + Hkv], cos, sin).reshape(n * B, q, Hkv, hd).transpose(1, 2)
+            vs = qkv[:, :, :, H + Hkv:].reshape(n * B, q, Hkv, hd).transpose(1, 2)  # [n*B, Hkv, q, hd]
             if cache is not None:
                 ks, vs = cache.update(li, ks, vs)
-            if H != Hkv:  # grouped-query attention: each KV head serves H / Hkv query heads
-                rep = H // Hkv
-                S = ks.shape[2]
-                ks = ks[:, :, None].expand(n * B, Hkv, rep, S, hd).reshape(n * B, H, S, hd)
-                vs = vs[:, :, None].expand(n * B, Hkv, rep, S, hd).reshape(n * B, H, S, hd)
+            # grouped-query attention (H / Hkv query heads per KV head) inside SDPA, as transformers does
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, is_causal=is_causal,
-                                               scale=self.scaling)  # [n*B, H, q, hd]
+                                               scale=self.scaling, enable_gqa=H != Hkv)  # [n*B, H, q, hd]
             o = o.transpose(1, 2).reshape(n, B * q, H * hd)
-            x = x + self._linear(o, layer["o_proj"], layer["o_proj.bias"])
+            x = x + self._linear(o, layer["o"], layer["o.bias"])
             h = self._rms(x, layer["ln2"])
-            g = self._linear(h, layer["gate_proj"], layer["gate_proj.bias"])
-            u = self._linear(h, layer["up_proj"], layer["up_proj.bias"])
-            x = x + self._linear(self.act(g) * u, layer["down_proj"], layer["down_proj.bias"])
+            g, u = self._linear(h, layer["gate_up"], layer["gate_up.bias"]).chunk(2, dim=-1)
+            x = x + self._linear(self.act(g) * u, layer["down"], layer["down.bias"])
         if cache is not None:
             cache.advance(q)
         return self._rms(x, self.norm).view(n, B, q, -1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Output heads: h [n, N, d] -> logits [n, N, V]."""
-        return torch.bmm(h, self.head.transpose(1, 2))
+        """Each student's logits: h [n, N, d] -> [n, N, V]."""
+        return torch.bmm(h, self.head_vnd.permute(1, 2, 0))
+
+    def mean_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The mean of the students' logits, h [n, N, d] -> [N, V], as one matmul over the concatenated
+        hidden states: sum_i h_i W_i^T = [h_1 .. h_n] [W_1 .. W_n]^T."""
+        n, N, d = h.shape
+        return torch.matmul(h.transpose(0, 1).reshape(N, n * d), self.head_vnd.view(-1, n * d).t()) / n
 
 
-def _stack(params: list[torch.Tensor]) -> torch.Tensor:
-    """Stack parameters [n, ...] and re-point every parameter to its slice (one copy of the weights)."""
-    stacked = torch.stack([p.detach() for p in params])
-    for i, p in enumerate(params):
-        if p.data.data_ptr() != stacked[i].data_ptr():
-            p.data = stacked[i]
+def _repoint(params: list[torch.Tensor], views: list[torch.Tensor]) -> None:
+    """Make every parameter use its view of the stacked storage (one copy of the weights in memory)."""
+    for p, v in zip(params, views, strict=True):
+        if p.data.data_ptr() != v.data_ptr() or p.data.stride() != v.stride():
+            p.data = v
+
+
+def _stack(groups: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Stack per-student parameters: groups [[p_0 .. p_{n-1}] per part] -> [n, sum of part rows, ...]
+    (parts concatenated along dim 1, e.g. q | k | v); each parameter is re-pointed to its slice."""
+    stacked = torch.cat([torch.stack([p.detach() for p in g]) for g in groups], dim=1)
+    row = 0
+    for g in groups:
+        size = g[0].shape[0]
+        _repoint(g, [stacked[i, row:row + size] for i in range(len(g))])
+        row += size
+    return stacked
+
+
+def _stack_vnd(params: list[torch.Tensor]) -> torch.Tensor:
+    """Stack [V, d] parameters as [V, n, d]; parameter i becomes the strided view [:, i]."""
+    stacked = torch.stack([p.detach() for p in params], dim=1)
+    _repoint(params, [stacked[:, i] for i in range(len(params))])
     return stacked

@@ -55,6 +55,34 @@ def mixture(logp: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logp + log_w[..., None], dim=0)
 
 
+def mixture_from_logits(z: torch.Tensor, log_w: torch.Tensor | None = None,
+                        lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixture log sum_i w_i softmax(z_i) from raw logits, and each student's log-normaliser.
+
+    ``z`` [n, ..., V] fp32 logits; ``log_w`` [n, ...] log weights (None: uniform 1/n); ``lse``
+    [n, ...] the students' logsumexp over the vocabulary when already computed. Returns
+    (log-probs [..., V], lse [n, ...]). Computed as m + log sum_i exp(z_i - lse_i + log w_i - m) with
+    one shift m per position (the largest log-prob of any student), i.e. a few simple passes over the
+    n logit tensors instead of log_softmax + an element-wise logsumexp over students. Positions
+    whose sum falls below 1e-30 (a token < ~69 nats below the top under every student: fp32 would
+    lose precision) are recomputed exactly with logsumexp.
+    """
+    n = z.shape[0]
+    if lse is None:
+        lse = torch.logsumexp(z, dim=-1)  # [n, ...]
+    a = (log_w if log_w is not None else torch.full_like(lse, -math.log(n))) - lse  # [n, ...]
+    m = (z.amax(dim=-1) + a).amax(dim=0)  # [...]
+    shift = (a - m)[..., None]
+    t = torch.add(z, shift).exp_()  # [n, ..., V]
+    s = t.sum(dim=0)  # [..., V]
+    del t
+    out = s.log().add_(m[..., None])
+    bad = (s < 1e-30).any(dim=-1)  # [...]
+    if bool(bad.any()):
+        out[bad] = torch.logsumexp(z[:, bad] + a[:, bad][..., None], dim=0)
+    return out, lse
+
+
 def em_prior(seq_loglik: np.ndarray, smoothing: float = 1.0, max_iter: int = 500,
              tol: float = 1e-10) -> tuple[np.ndarray, dict]:
     """Maximum-a-posteriori mixture weights of a sequence-level mixture, by EM.

@@ -1,0 +1,140 @@
+"""Ensemble fast path (stacked, batched students) vs the students run one after another.
+
+For n = 2, 4, 8 students of one shape (a small LLaMA: hidden 256, 4 layers, vocab 8192), scores a
+batch of 8 x 256 tokens (forward, eval) with both paths, interleaved, repeated, and prints the
+median time of each and their ratio; then the same for a small batch (1 x 64 tokens, n = 8), and
+greedy generation tokens/s for both paths (n = 2, 8). The goal: the fast path >= 1.5x the
+sequential one at n = 8 on CPU (forward, 8 x 256).
+
+    .venv/bin/python benchmarks/bench_ensemble.py [--quick] [--modes logit_mean,prob_mean] [--threads 2]
+
+Timings on a shared machine are noisy (+-10-15%); only ratios measured side by side in one run
+mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def _students(n: int, hidden: int, layers: int, vocab: int, seed: int = 0) -> list:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
+                               num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 64,
+                               head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True)
+    out = []
+    for i in range(n):
+        torch.manual_seed(seed + i)
+        out.append(AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval())
+    return out
+
+
+def _time(fn, warm: bool = False) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_forward(ns: list[int], modes: list[str], repeats: int, batch: int, seq: int, hidden: int, layers: int,
+                  vocab: int) -> list[dict]:
+    from downscale.ensemble import EnsembleModel
+
+    rows = []
+    students = _students(max(ns), hidden, layers, vocab)
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    for n in ns:
+        ens = EnsembleModel(students[:n], mode=modes[0])
+        assert ens.uses_fast_path, ens.fallback_reason
+        for mode in modes:
+            ens.mode = mode
+            times: dict[bool, list[float]] = {True: [], False: []}
+            with torch.no_grad():
+                for fast in (True, False):  # warm-up, and the two paths must agree
+                    ens.fast = fast
+                    out = ens(ids).logits
+                    if fast:
+                        ref = out
+                    else:
+                        diff = float((out - ref).abs().max())
+                for r in range(repeats):
+                    for fast in ((True, False) if r % 2 == 0 else (False, True)):  # interleaved, alternating order
+                        ens.fast = fast
+                        times[fast].append(_time(lambda: ens(ids)))
+            fast_s, seq_s = statistics.median(times[True]), statistics.median(times[False])
+            row = {"n": n, "mode": mode, "fast_s": fast_s, "sequential_s": seq_s, "ratio": seq_s / fast_s,
+                   "tokens_per_s_fast": batch * seq / fast_s, "tokens_per_s_sequential": batch * seq / seq_s,
+                   "max_abs_diff": diff, "repeats": repeats}
+            rows.append(row)
+            print(f"forward n={n} {mode:10s}: fast {fast_s * 1e3:8.1f} ms  sequential {seq_s * 1e3:8.1f} ms  "
+                  f"ratio {row['ratio']:.2f}x  (max |diff| {diff:.1e})", flush=True)
+        ens.fast = True
+    return rows
+
+
+def bench_generate(n: int, mode: str, repeats: int, batch: int, prompt: int, new: int, hidden: int, layers: int,
+                   vocab: int) -> dict:
+    from downscale.ensemble import EnsembleModel
+
+    ens = EnsembleModel(_students(n, hidden, layers, vocab), mode=mode)
+    ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(1))
+    times: dict[bool, list[float]] = {True: [], False: []}
+    outs = {}
+    for r in range(repeats + 1):
+        for fast in ((True, False) if r % 2 == 0 else (False, True)):
+            ens.fast = fast
+            t = _time(lambda f=fast: outs.__setitem__(f, ens.generate(ids, max_new_tokens=new, eos_token_id=[])))
+            if r:  # the first round warms up
+                times[fast].append(t)
+    same = bool(torch.equal(outs[True], outs[False]))
+    fast_s, seq_s = statistics.median(times[True]), statistics.median(times[False])
+    row = {"n": n, "mode": mode, "batch": batch, "new_tokens": new, "tokens_per_s_fast": batch * new / fast_s,
+           "tokens_per_s_sequential": batch * new / seq_s, "ratio": seq_s / fast_s, "same_tokens": same}
+    print(f"generate n={n} {mode:10s} batch {batch}, {new} new tokens: fast {row['tokens_per_s_fast']:7.1f} tok/s  "
+          f"sequential {row['tokens_per_s_sequential']:7.1f} tok/s  ratio {row['ratio']:.2f}x  "
+          f"(same tokens: {same})", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (a smoke run)")
+    p.add_argument("--modes", default="logit_mean,prob_mean", help="comma-separated ensemble modes to time")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from downscale.models import quiet_transformers
+
+    quiet_transformers()
+    size = dict(hidden=128, layers=2, vocab=2048) if args.quick else dict(hidden=256, layers=4, vocab=8192)
+    repeats = args.repeats or (2 if args.quick else 3)
+    modes = [m for m in args.modes.split(",") if m]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; LLaMA hidden {size['hidden']}, "
+          f"{size['layers']} layers, vocab {size['vocab']}; batch 8 x 256 tokens", flush=True)
+    t0 = time.time()
+    fwd = bench_forward([2, 4, 8], modes, repeats, 8, 128 if args.quick else 256, **size)
+    print("small batches (1 x 64 tokens: per-op overhead matters more than FLOPs):", flush=True)
+    small = bench_forward([8], modes[:1], repeats + 2, 1, 64, **size)
+    gen = [bench_generate(n, modes[0], max(1, repeats - 1), 4, 16, 8 if args.quick else 24, **size) for n in (2, 8)]
+    at8 = [r for r in fwd if r["n"] == 8]
+    goal = all(r["ratio"] >= 1.5 for r in at8)
+    detail = ", ".join(f"{r['mode']} {r['ratio']:.2f}x" for r in at8)
+    print(f"goal (fast path >= 1.5x sequential at n=8, forward): {'MET' if goal else 'NOT MET'} ({detail}); "
+          f"{time.time() - t0:.0f}s", flush=True)
+    result = {"forward": fwd, "forward_small_batch": small, "generate": gen, "goal_met": goal, "threads": torch.get_num_threads(), **size}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
