@@ -26,8 +26,9 @@ def _students(n: int, hidden: int, layers: int, vocab: int, seed: int = 0) -> li
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
-                               num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 64,
-                               head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True)
+                               num_hidden_layers=layers, num_attention_heads=hidden // 32,
+                               num_key_value_heads=hidden // 64, head_dim=32, max_position_embeddings=1024,
+                               tie_word_embeddings=True)
     out = []
     for i in range(n):
         torch.manual_seed(seed + i)
@@ -35,7 +36,7 @@ def _students(n: int, hidden: int, layers: int, vocab: int, seed: int = 0) -> li
     return out
 
 
-def _time(fn, warm: bool = False) -> float:
+def _time(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -65,7 +66,7 @@ def bench_forward(ns: list[int], modes: list[str], repeats: int, batch: int, seq
                 for r in range(repeats):
                     for fast in ((True, False) if r % 2 == 0 else (False, True)):  # interleaved, alternating order
                         ens.fast = fast
-                        times[fast].append(_time(lambda: ens(ids)))
+                        times[fast].append(_time(lambda e=ens: e(ids)))
             fast_s, seq_s = statistics.median(times[True]), statistics.median(times[False])
             row = {"n": n, "mode": mode, "fast_s": fast_s, "sequential_s": seq_s, "ratio": seq_s / fast_s,
                    "tokens_per_s_fast": batch * seq / fast_s, "tokens_per_s_sequential": batch * seq / seq_s,
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = args.repeats or (2 if args.quick else 3)
     modes = [m for m in args.modes.split(",") if m]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; LLaMA hidden {size['hidden']}, "
-          f"{size['layers']} layers, vocab {size['vocab']}; batch 8 x 256 tokens", flush=True)
+          f"{size['layers']} layers, vocab {size['vocab']}; batch 8 x {128 if args.quick else 256} tokens", flush=True)
     t0 = time.time()
     fwd = bench_forward([2, 4, 8], modes, repeats, 8, 128 if args.quick else 256, **size)
     print("small batches (1 x 64 tokens: per-op overhead matters more than FLOPs):", flush=True)
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     detail = ", ".join(f"{r['mode']} {r['ratio']:.2f}x" for r in at8)
     print(f"goal (fast path >= 1.5x sequential at n=8, forward): {'MET' if goal else 'NOT MET'} ({detail}); "
           f"{time.time() - t0:.0f}s", flush=True)
-    result = {"forward": fwd, "forward_small_batch": small, "generate": gen, "goal_met": goal, "threads": torch.get_num_threads(), **size}
+    result = {"forward": fwd, "forward_small_batch": small, "generate": gen, "goal_met": goal,
+              "threads": torch.get_num_threads(), **size}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=2)

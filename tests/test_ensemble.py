@@ -98,7 +98,7 @@ def test_fast_path_equals_sequential(arch, mode):
     mask[0, :5] = 0  # left padding
     mask[2, :2] = 0
     # small chunks: the combination runs over several position chunks
-    ens = _ens(students, mode, prior=[0.2, 0.5, 0.3], chunk_bytes=4 * 3 * 3 * V * 6)
+    ens = _ens(students, mode, prior=[0.2, 0.5, 0.3], chunk_bytes=4 * 3 * 3 * V * 6, router_prefix=9)
     assert ens.uses_fast_path, ens.fallback_reason
     fast = ens(ids).logits
     fast_pad = ens(ids, attention_mask=mask).logits
@@ -313,3 +313,19 @@ def test_mixture_from_logits_is_exact_even_for_very_unlikely_tokens():
     torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-6)
     assert torch.isfinite(got).all() and float(got[1, 7]) < -150
     torch.testing.assert_close(lse, torch.logsumexp(z, -1))
+
+
+def test_stacking_keeps_students_intact_and_follows_dtype_changes():
+    students = _students(n=3)
+    ids = _ids()
+    before = _student_logits(students, ids)
+    ens = _ens(students, "prob_mean")
+    fast = ens(ids).logits
+    after = _student_logits(students, ids)  # the students now run on views of the stacked weights
+    assert torch.equal(before, after)
+    ens.double()  # moves the students: the stack is rebuilt from the new weights
+    fast64 = ens(ids).logits
+    assert fast64.dtype == torch.float32 and ens.uses_fast_path
+    ens.fast = False
+    torch.testing.assert_close(fast64, ens(ids).logits, atol=1e-9, rtol=0)
+    torch.testing.assert_close(fast64, fast, atol=1e-5, rtol=0)

@@ -138,7 +138,7 @@ class EnsembleModel(torch.nn.Module):
         self._cluster: routing.ClusterRouter | None = None
         self.chunk_bytes = int(chunk_bytes)
         self.fast = bool(fast)
-        self.fallback_reason = stack_incompatibility(list(students)) if fast else "fast path switched off"
+        self.stack_reason = stack_incompatibility(list(students))  # None: the students can be stacked
         self._stack: StackedStudents | None = None
         self._stack_key: tuple | None = None
         self._capture: list[torch.Tensor] | None = None
@@ -167,7 +167,14 @@ class EnsembleModel(torch.nn.Module):
     @property
     def uses_fast_path(self) -> bool:
         """True when forward runs the students as one stacked computation."""
-        return self.fast and self.fallback_reason is None
+        return self.fast and self.stack_reason is None
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why the students run one by one (None on the fast path)."""
+        if self.uses_fast_path:
+            return None
+        return self.stack_reason or "fast path switched off"
 
     def _stacked(self) -> StackedStudents:
         """The stacked students, rebuilt if the students moved (``.to``) since they were stacked."""
