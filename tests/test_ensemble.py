@@ -329,3 +329,20 @@ def test_stacking_keeps_students_intact_and_follows_dtype_changes():
     ens.fast = False
     torch.testing.assert_close(fast64, ens(ids).logits, atol=1e-9, rtol=0)
     torch.testing.assert_close(fast64, fast, atol=1e-5, rtol=0)
+
+
+def test_wrapped_linear_layers_fall_back_to_sequential():
+    class Scaled(torch.nn.Module):  # e.g. an adapter wrapper: not a plain Linear
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 0.5
+
+    students = _students(n=2)
+    students[1].model.layers[0].mlp.down_proj = Scaled(students[1].model.layers[0].mlp.down_proj)
+    ens = EnsembleModel(students, mode="logit_mean")
+    assert not ens.uses_fast_path and "down_proj" in ens.fallback_reason
+    ids = _ids()
+    torch.testing.assert_close(ens(ids).logits, _student_logits(students, ids).mean(0), atol=1e-5, rtol=0)

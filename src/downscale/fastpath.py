@@ -33,6 +33,7 @@ from downscale.models import SUPPORTED_ARCHS
 _SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "hidden_act", "attention_bias",
                  "mlp_bias", "rope_parameters", "rope_theta", "rope_scaling", "max_position_embeddings")
+_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 _ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
@@ -62,8 +63,14 @@ def stack_incompatibility(students: list) -> str | None:
             mine, theirs = _field(cfg, name), _field(first.config, name)
             if mine != theirs:
                 return f"student {i}: {name} {mine!r} differs from student 0's {theirs!r}"
+        odd = next((name for name, mod in s.named_modules()
+                    if name.endswith(_PROJ) and type(mod) is not torch.nn.Linear), None)
+        if odd is not None:
+            return f"student {i}: {odd} is a {type(s.get_submodule(odd)).__name__}, not a plain Linear"
         p0 = next(first.parameters())
         p = next(s.parameters())
+        if not p.is_floating_point():
+            return f"student {i}: weights of dtype {p.dtype} have no fast path"
         if p.dtype != p0.dtype or p.device != p0.device:
             return f"student {i}: dtype/device {p.dtype}/{p.device} differs from student 0's {p0.dtype}/{p0.device}"
         shapes = {k: v.shape for k, v in s.state_dict().items()}
@@ -156,6 +163,7 @@ class StackedStudents:
             # of the students' logits is ONE matmul [N, n d] x [n d, V] (no n-fold [N, V] logits).
             self.head_vnd = _stack_vnd(heads)
             self.embed = None if self.tied else _stack([embeds])  # [n, V, d]; tied: the head is the embedding
+
     # ------------------------------------------------------------------ pieces
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
