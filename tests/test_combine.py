@@ -159,3 +159,26 @@ def test_load_ensemble_bad_inputs(tmp_path):
     assert str(ens_dir / "ensemble.json") in str(err.value)
     with pytest.raises(EnsembleError, match="no ensemble here"):
         load_ensemble(tmp_path / "nowhere")
+
+
+def test_cli_combine_runs_and_bad_students_are_one_line(tmp_path, capsys):
+    """`downscale combine CONFIG` end to end through the CLI; then a student with another vocabulary: exit 2
+    and one line naming the folder. An EnsembleError (e.g. a broken ensemble folder) is a StageError too."""
+    from downscale.cli import main
+
+    cfg = _make_run(tmp_path)
+    path = tmp_path / "exp.yaml"
+    path.write_text(cfg.to_yaml())
+    assert main(["combine", str(path)]) == 0
+    assert (cfg.run_dir / "ensemble" / "ensemble.json").is_file()
+    bad = cfg.run_dir / "specialized" / "0"
+    shutil.rmtree(bad)
+    save_causal_lm(tiny_model(vocab_size=400), bad, tokenizer_dir=cfg.run_dir / "tokenizer")
+    capsys.readouterr()
+    assert main(["combine", str(path), "combine.prior=uniform"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("downscale: error")]
+    assert len(err) == 1 and err[0].startswith(f"downscale: error: {bad}: vocab_size 400"), err
+    with pytest.raises(StageError) as exc:
+        load_ensemble(cfg.run_dir / "ensemble")
+    assert isinstance(exc.value, EnsembleError) and isinstance(exc.value, ValueError)
+    assert "\n" not in str(exc.value) and "students[0]" in str(exc.value)

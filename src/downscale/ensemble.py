@@ -40,15 +40,16 @@ import torch.nn.functional as F
 
 from downscale import routing
 from downscale.fastpath import StackedKV, StackedStudents, stack_incompatibility
+from downscale.pipeline import StageError
 
 MODES = ("logit_mean", "prob_mean", "routed", "weighted")
 # Per chunk of positions the combination holds about this many bytes of per-student fp32 scores.
 DEFAULT_CHUNK_BYTES = 16 * 2**20  # measured best of 1-512 MiB on CPU (n=8, V=8192)
 
 
-class EnsembleError(ValueError):
+class EnsembleError(StageError, ValueError):
     """Bad ensemble input (unknown mode, bad weights, missing student, mismatched vocabularies).
-    ``str(err)`` is one line naming the file or field."""
+    ``str(err)`` is one line naming the file or field; a StageError, so the CLI prints just that line."""
 
 
 @dataclass

@@ -80,10 +80,12 @@ def check_students(folders: list[Path], reference_tokenizer: Path | None = None)
         if not (f / "config.json").is_file():
             raise EnsembleError(f"{f}: missing student (no config.json): expected a Hugging Face model folder")
     sizes = [student_vocab_size(f) for f in folders]
+    common = max(sizes, key=lambda v: (sizes.count(v), -sizes.index(v)))  # the majority (ties: the first)
     for f, size in zip(folders, sizes, strict=True):
-        if size != sizes[0]:
-            raise EnsembleError(f"{f}: vocab_size {size} differs from {folders[0]}'s {sizes[0]}; the students of "
-                                f"an ensemble must share one vocabulary")
+        if size != common:
+            others = [str(g) for g, v in zip(folders, sizes, strict=True) if v == common]
+            raise EnsembleError(f"{f}: vocab_size {size} differs from the {common} of {', '.join(others)}; the "
+                                f"students of an ensemble must share one vocabulary")
     ref_dir = reference_tokenizer if reference_tokenizer is not None and tokenizer_hash(reference_tokenizer) else None
     if ref_dir is None:
         ref_dir = next((f for f in folders if tokenizer_hash(f)), None)
