@@ -73,6 +73,9 @@ class SourceConfig(_Section):
     subset: str | None = Field(None, description="kind=hf: dataset config name.")
     split: str = Field("train", description="kind=hf: split to read.")
     text_field: str = Field("text", description="Field holding the text (jsonl, parquet, hf).")
+    txt_document: Literal["file", "paragraphs", "lines"] = Field(
+        "file", description="kind=local .txt: one document per file, per blank-line-separated block, or per line."
+    )
     max_documents: int | None = Field(None, ge=1, description="Read at most this many documents.")
     max_tokens: int | None = Field(
         None, ge=1, description="Token budget of this shard's train split (overrides data.max_tokens_per_shard)."
@@ -128,6 +131,11 @@ class DataConfig(_Section):
             raise ValueError(f"source names must be unique; repeated: {', '.join(dup)}")
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("val_fraction + test_fraction must be below 0.9")
+        if self.shard_by == "cluster":
+            budgets = [f"sources.{i}.max_tokens" for i, s in enumerate(self.sources) if s.max_tokens is not None]
+            if budgets:
+                raise ValueError(f"{budgets[0]} applies to shard_by 'source' only; with 'cluster' use "
+                                 f"max_tokens_per_shard")
         return self
 
 

@@ -1,0 +1,195 @@
+"""Splitting documents into train/val/test, and packing token ids into fixed-length blocks.
+
+Splits are by document and by hash: a document goes to ``test`` when
+``h(seed, split key) < test_fraction``, to ``val`` when below ``test_fraction + val_fraction``,
+else to ``train``, where ``h`` maps a string to [0, 1) through blake2b. The assignment of a
+document never depends on the other documents, so adding documents to a corpus moves none of the
+old ones, and documents that share a split key (a module's code and its docstrings) share a split.
+A split that would be empty borrows the train document closest to its hash range (recorded).
+
+Within a split, documents are packed in the order of a second hash, ``h(seed, "order", text)``: a
+deterministic shuffle, so that a token budget takes a random sample of the documents rather than
+the first files in alphabetical order. Packing concatenates each document's ids followed by one
+EOS, stops once the budget is reached (the last document may be cut), and drops the final partial
+block. Under a budget, no document gives more than 1/16 of it (``MAX_DOC_SHARE``; at least one
+block): a budgeted sample, a test set above all, then spans at least 16 documents instead of the first
+one or two long files. Everything it dropped or cut is counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from downscale.data.blocks import SPLITS
+from downscale.data.sources import Document
+
+_SCALE = float(2**64)
+# Under a token budget, one document contributes at most this share of it (see the module docstring).
+MAX_DOC_SHARE = 1 / 16
+
+
+def unit_hash(seed: int, tag: str, key: str) -> float:
+    """A deterministic number in [0, 1) from (seed, tag, key)."""
+    h = hashlib.blake2b(f"{seed}\x00{tag}\x00".encode() + key.encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(h.digest(), "big") / _SCALE
+
+
+def split_of(u: float, val_fraction: float, test_fraction: float) -> str:
+    """The split of a document whose split hash is ``u``."""
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def assign_splits(docs: Sequence[Document], seed: int, val_fraction: float, test_fraction: float
+                  ) -> tuple[dict[str, list[Document]], dict[str, int]]:
+    """Split ``docs`` into train/val/test (each list in packing order) and say how many documents
+    were borrowed from train to fill an otherwise empty val or test split."""
+    scored = []
+    for doc in docs:
+        u = unit_hash(seed, "split", doc.split_key if doc.split_key is not None else doc.text)
+        scored.append((u, unit_hash(seed, "order", doc.text), doc))
+    parts: dict[str, list[tuple[float, float, Document]]] = {s: [] for s in SPLITS}
+    for item in scored:
+        parts[split_of(item[0], val_fraction, test_fraction)].append(item)
+    borrowed = {}
+    for split in ("val", "test"):
+        if not parts[split] and len(parts["train"]) >= 2:
+            # The train document with the smallest split hash is the nearest to the held-out range.
+            i = min(range(len(parts["train"])), key=lambda j: parts["train"][j][0])
+            parts[split].append(parts["train"].pop(i))
+            borrowed[split] = 1
+    out = {s: [doc for _, _, doc in sorted(parts[s], key=lambda t: (t[1], t[0]))] for s in SPLITS}
+    return out, borrowed
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65535), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
+
+
+@dataclass
+class Packed:
+    """One packed split: blocks [n_blocks, block_size] and what went into them."""
+
+    blocks: np.ndarray
+    documents: int  # documents that contributed tokens (the last one possibly cut by the budget)
+    documents_available: int
+    tokens_read: int  # ids of those documents plus one EOS each (after the per-document cap)
+    over_budget: int  # tokens cut because the budget was reached
+    partial_block: int  # tokens of the final partial block, dropped
+    documents_capped: int = 0  # documents cut to the per-document cap
+    capped_tokens: int = 0  # tokens those cuts left out
+
+    @property
+    def tokens(self) -> int:
+        return int(self.blocks.size)
+
+    def to_json(self) -> dict:
+        return {"documents": self.documents, "documents_available": self.documents_available,
+                "tokens": self.tokens, "blocks": int(self.blocks.shape[0]), "tokens_read": self.tokens_read,
+                "dropped_over_budget": self.over_budget, "dropped_partial_block": self.partial_block,
+                "documents_capped": self.documents_capped, "dropped_by_cap": self.capped_tokens}
+
+
+def max_doc_tokens(budget: int | None, block_size: int) -> int | None:
+    """The per-document cap under ``budget`` (None: no budget, no cap), EOS included."""
+    if budget is None:
+        return None
+    return max(block_size, int(np.ceil(budget * MAX_DOC_SHARE)))
+
+
+def pack(docs: Sequence[Document], encode: Callable[[list[str]], list[list[int]]], eos_id: int, block_size: int,
+         dtype: np.dtype, budget: int | None = None, desc: str = "pack", batch_docs: int = 64,
+         batch_chars: int = 2_000_000, doc_cap: int | None = None) -> Packed:
+    """Tokenize ``docs`` in order (batched), put EOS after each, stop at ``budget`` tokens, and cut the
+    stream into blocks of ``block_size`` (the final partial block is dropped). ``doc_cap``: at most
+    this many tokens (EOS included) from one document; its first ids are kept."""
+    from tqdm.auto import tqdm
+
+    chunks: list[np.ndarray] = []
+    eos = np.asarray([eos_id], dtype=dtype)
+    total = used = capped = capped_tokens = 0
+    done = False
+    bar = tqdm(total=len(docs), desc=desc, unit="doc", file=sys.stderr, leave=False, mininterval=1.0,
+               disable=None)
+    i = 0
+    while i < len(docs) and not done:
+        batch, chars = [], 0
+        while i < len(docs) and len(batch) < batch_docs and (not batch or chars < batch_chars):
+            batch.append(docs[i].text)
+            chars += len(docs[i].text)
+            i += 1
+        for ids in encode(batch):
+            if doc_cap is not None and len(ids) + 1 > doc_cap:
+                capped += 1
+                capped_tokens += len(ids) + 1 - doc_cap
+                ids = ids[: doc_cap - 1]
+            chunks.append(np.asarray(ids, dtype=dtype))
+            chunks.append(eos)
+            total += len(ids) + 1
+            used += 1
+            if budget is not None and total >= budget:
+                done = True
+                break
+        bar.update(len(batch))
+    bar.close()
+    stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+    limit = min(total, budget) if budget is not None else total
+    n_blocks = limit // block_size
+    blocks = np.ascontiguousarray(stream[: n_blocks * block_size]).reshape(n_blocks, block_size)
+    return Packed(blocks=blocks, documents=used, documents_available=len(docs), tokens_read=total,
+                  over_budget=total - limit, partial_block=limit - n_blocks * block_size, documents_capped=capped,
+                  capped_tokens=capped_tokens)
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float | None:
+    """Entropy (nats) of the token frequencies: the loss of a model that knows only unigram counts."""
+    flat = np.asarray(tokens).ravel()
+    if flat.size == 0:
+        return None
+    counts = np.bincount(flat.astype(np.int64), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / flat.size
+    return float(-(p * np.log(p)).sum())
+
+
+def write_blocks(path: str | Path, blocks: np.ndarray) -> None:
+    """Write blocks as a raw C-order array through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.ascontiguousarray(blocks).tofile(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def bpe_training_texts(shard_train_docs: Sequence[Sequence[Document]], train_chars: int):
+    """At most ``train_chars`` characters of training text for the BPE, an equal share from each
+    shard, each shard's documents in packing order (the last one cut to fit). Returns (texts, chars)."""
+    share = max(1, train_chars // max(1, len(shard_train_docs)))
+    texts: list[str] = []
+    total = 0
+    for docs in shard_train_docs:
+        left = share
+        for doc in docs:
+            if left <= 0:
+                break
+            piece = doc.text[:left]
+            texts.append(piece)
+            left -= len(piece)
+        total += share - left
+    return texts, total
