@@ -158,3 +158,14 @@ def test_bpe_roundtrip_and_special_tokens(tmp_path):
     # The literal special-token string inside a document is text, not an EOS.
     assert 0 not in ids[3] and len(ids[3]) > 3
     assert loaded.encode("x", add_special_tokens=False) == encode(["x"])[0]  # no BOS added
+
+
+def test_cap_only_when_budget_binds_and_raised_to_fill():
+    docs = [Document("a" * n, str(n)) for n in (30, 5, 40, 3)]  # 31 + 6 + 41 + 4 = 82 tokens with EOS
+    u16 = np.dtype(np.uint16)
+    fits = packing.pack(docs, _char_encoder, 0, 4, u16, budget=100, doc_cap=8)
+    assert fits.documents_capped == 0 and fits.tokens_read == 82  # fits in the budget: nothing capped
+    binds = packing.pack(docs, _char_encoder, 0, 4, u16, budget=60, doc_cap=8)
+    # cap 8 could give only 8 + 6 + 8 + 4 = 26 < 60: raised to the smallest cap that fills 60 (25).
+    assert binds.tokens_read == 25 + 6 + 25 + 4 and binds.tokens == 60 and binds.documents_capped == 2
+    assert binds.documents == 4 and binds.over_budget == 0

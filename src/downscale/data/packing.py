@@ -11,9 +11,10 @@ Within a split, documents are packed in the order of a second hash, ``h(seed, "o
 deterministic shuffle, so that a token budget takes a random sample of the documents rather than
 the first files in alphabetical order. Packing concatenates each document's ids followed by one
 EOS, stops once the budget is reached (the last document may be cut), and drops the final partial
-block. Under a budget, no document gives more than 1/16 of it (``MAX_DOC_SHARE``; at least one
-block): a budgeted sample, a test set above all, then spans at least 16 documents instead of the first
-one or two long files. Everything it dropped or cut is counted.
+block. When a budget binds, no document gives more than 1/16 of it (``MAX_DOC_SHARE``; at least one
+block; raised just enough when the capped documents could not fill the budget): a budgeted sample,
+a test set above all, then spans at least 16 documents instead of the first one or two long files.
+A split that fits in its budget is never capped. Everything dropped or cut is counted.
 """
 
 from __future__ import annotations
@@ -113,17 +114,18 @@ def pack(docs: Sequence[Document], encode: Callable[[list[str]], list[list[int]]
          dtype: np.dtype, budget: int | None = None, desc: str = "pack", batch_docs: int = 64,
          batch_chars: int = 2_000_000, doc_cap: int | None = None) -> Packed:
     """Tokenize ``docs`` in order (batched), put EOS after each, stop at ``budget`` tokens, and cut the
-    stream into blocks of ``block_size`` (the final partial block is dropped). ``doc_cap``: at most
-    this many tokens (EOS included) from one document; its first ids are kept."""
+    stream into blocks of ``block_size`` (the final partial block is dropped).
+
+    ``doc_cap`` (EOS included; the first ids of a document are kept) applies only when the budget
+    binds: if the whole split fits in the budget, nothing is capped; if the capped documents cannot
+    fill the budget, the cap is raised to the smallest value that can."""
     from tqdm.auto import tqdm
 
-    chunks: list[np.ndarray] = []
-    eos = np.asarray([eos_id], dtype=dtype)
-    total = used = capped = capped_tokens = 0
-    done = False
+    encoded: list[list[int]] = []
+    raw_total = capped_total = 0
     bar = tqdm(total=len(docs), desc=desc, unit="doc", file=sys.stderr, leave=False, mininterval=1.0,
                disable=None)
-    i = 0
+    i, done = 0, False
     while i < len(docs) and not done:
         batch, chars = [], 0
         while i < len(docs) and len(batch) < batch_docs and (not batch or chars < batch_chars):
@@ -131,26 +133,45 @@ def pack(docs: Sequence[Document], encode: Callable[[list[str]], list[list[int]]
             chars += len(docs[i].text)
             i += 1
         for ids in encode(batch):
-            if doc_cap is not None and len(ids) + 1 > doc_cap:
-                capped += 1
-                capped_tokens += len(ids) + 1 - doc_cap
-                ids = ids[: doc_cap - 1]
-            chunks.append(np.asarray(ids, dtype=dtype))
-            chunks.append(eos)
-            total += len(ids) + 1
-            used += 1
-            if budget is not None and total >= budget:
+            encoded.append(ids)
+            raw_total += len(ids) + 1
+            capped_total += min(len(ids) + 1, doc_cap) if doc_cap is not None else len(ids) + 1
+            if budget is not None and capped_total >= budget:
                 done = True
                 break
         bar.update(len(batch))
     bar.close()
-    stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+    lengths = np.asarray([len(ids) + 1 for ids in encoded], dtype=np.int64)  # with EOS
+    cap = None
+    if budget is not None and doc_cap is not None and raw_total > budget:
+        cap = doc_cap if capped_total >= budget else _fill_cap(lengths, budget, doc_cap)
+    kept = np.minimum(lengths, cap) if cap is not None else lengths
+    total = int(kept.sum())
     limit = min(total, budget) if budget is not None else total
+    stream = np.empty(total, dtype=dtype)
+    pos = 0
+    for ids, n in zip(encoded, kept.tolist(), strict=True):
+        stream[pos:pos + n - 1] = ids[: n - 1]
+        stream[pos + n - 1] = eos_id
+        pos += n
     n_blocks = limit // block_size
     blocks = np.ascontiguousarray(stream[: n_blocks * block_size]).reshape(n_blocks, block_size)
-    return Packed(blocks=blocks, documents=used, documents_available=len(docs), tokens_read=total,
-                  over_budget=total - limit, partial_block=limit - n_blocks * block_size, documents_capped=capped,
-                  capped_tokens=capped_tokens)
+    starts = np.cumsum(kept) - kept
+    return Packed(blocks=blocks, documents=int((starts < limit).sum()), documents_available=len(docs),
+                  tokens_read=total, over_budget=total - limit, partial_block=limit - n_blocks * block_size,
+                  documents_capped=int((lengths > kept).sum()), capped_tokens=int((lengths - kept).sum()))
+
+
+def _fill_cap(lengths: np.ndarray, budget: int, low: int) -> int:
+    """The smallest cap >= ``low`` with sum(min(lengths, cap)) >= budget (given sum(lengths) > budget)."""
+    lo, hi = low, int(lengths.max())
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if int(np.minimum(lengths, mid).sum()) >= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float | None:
