@@ -179,3 +179,27 @@ def test_cluster_mode_recovers_topics(tmp_path):
     code_cluster = int(c.predict([" ".join(WORDS["code"])])[0])
     shard = f"cluster{code_cluster}"
     assert read_json(run / "data" / shard / "meta.json")["source_documents"].get("code", 0) >= 38
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path):
+    """A bad input found by the stage itself (not by the config check): exit 2, one line, no traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"body": "some text that is long enough"}) + "\n", encoding="utf-8")
+    config = {"run": {"dir": str(tmp_path / "run")},
+              "data": {"sources": [{"name": "d", "kind": "local", "paths": [str(tmp_path / "d.jsonl")]}]}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-m", "downscale.cli", "data", str(path)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("[data]")]
+    assert len(lines) == 1, proc.stderr
+    assert f"{tmp_path / 'd.jsonl'}:1: no field 'text' (data.sources.0.text_field)" in lines[0]
+    assert not (tmp_path / "run" / "data").exists()
