@@ -205,7 +205,7 @@ def _txt_chunks(data: bytes, unit: str) -> Iterator[bytes]:
     if unit == "file":
         yield data
     elif unit == "paragraphs":
-        yield from (c for c in _PARAGRAPH_BREAK.split(data) if c.strip())
+        yield from (c.strip(b"\r\n") for c in _PARAGRAPH_BREAK.split(data) if c.strip())
     else:
         yield from (line.rstrip(b"\r") for line in data.split(b"\n") if line.strip())
 
