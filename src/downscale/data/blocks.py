@@ -6,6 +6,16 @@ Layout written by the data stage, under ``<run>/data/``::
                                     "vocab_size": int, "eos_token_id": int, ...}
     <shard>/meta.json              per-shard: documents, tokens per split, sources and hashes, unigram entropy
     <shard>/{train,val,test}.bin   raw numpy array of dtype, shape [n_blocks, block_size] (C order)
+    cluster/                       shard_by: cluster only: the fitted clusterer (downscale.data.cluster.Clusterer.load)
+    sources.json                   shard_by: cluster only: every source's files with their hashes
+
+Top-level meta.json also holds ``seed``, ``shard_by``, ``tokenizer`` (kind, source, ids, BPE training
+characters), ``split_method`` and per-source counts (documents kept, skipped by reason). A shard's
+meta.json holds per split ``documents``/``tokens``/``blocks`` and ``splits`` (documents available,
+tokens read, dropped over budget / by the per-document cap / in the final partial block),
+``budget``, ``unigram_entropy`` (nats, of the train tokens), and its ``sources`` with their files
+(or, in cluster mode, ``cluster`` and ``source_documents``). Each block is a window of the stream
+``doc, EOS, doc, EOS, ...`` of that split's documents in a seeded hash order.
 """
 
 from __future__ import annotations
