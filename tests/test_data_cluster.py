@@ -73,3 +73,20 @@ def test_errors(tmp_path):
     c = Clusterer.fit(_two_topics(10)[0], k=2, svd_dim=3, max_features=100)
     with pytest.raises(TypeError):
         c.distances("one string")
+
+
+def test_combine_router_loads_the_saved_clusterer(tmp_path):
+    """The combine stage's c-BTM router reads the folder the data stage writes and routes by it."""
+    from downscale.routing import ClusterRouter, load_clusterer
+
+    texts, truth = _two_topics(30)
+    fitted = Clusterer.fit(texts, k=2, svd_dim=6, max_features=300, seed=0)
+    fitted.save(tmp_path / "cluster")
+    loaded = load_clusterer(tmp_path / "cluster")
+    words = sorted({w for t in texts for w in t.split()})
+    router = ClusterRouter(loaded, decode=lambda ids: " ".join(words[i] for i in ids), n=2)
+    prefixes = [tuple(words.index(w) for w in t.split()[:12]) for t in texts[:10]]
+    d = router.distances(prefixes)
+    assert d.shape == (10, 2)
+    assert np.array_equal(d.argmin(axis=1), fitted.predict([" ".join(t.split()[:12]) for t in texts[:10]]))
+    assert _purity(d.argmin(axis=1), truth[:10]) >= 0.9
