@@ -255,14 +255,35 @@ class CompressConfig(_Section):
 
 
 class SpecializeConfig(_Section):
-    kd_ratio: float = Field(0.5, ge=0, le=1, description="loss = kd_ratio * KD + (1 - kd_ratio) * CE.")
-    kd_loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] = Field("forward_kl")
-    jsd_beta: float = Field(0.5, gt=0, lt=1, description="Generalized JSD interpolation (strictly between 0 and 1).")
-    skew_alpha: float = Field(0.1, gt=0, lt=1, description="Skew forward KL mixing weight.")
-    temperature: float = Field(1.0, gt=0)
-    teacher: Literal["online", "cache"] = Field("online")
-    teacher_quant: Literal["none", "8bit", "4bit"] = Field("none")
-    cache_top_k: int = Field(64, ge=1)
+    kd_ratio: float = Field(
+        0.5, ge=0, le=1, description="loss = kd_ratio * T^2 * KD + (1 - kd_ratio) * CE, means over tokens."
+    )
+    kd_loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] = Field(
+        "forward_kl", description="KD divergence: KL(teacher||student), KL(student||teacher), generalized JSD "
+                                  "(jsd_beta), or skew forward KL(teacher || a*teacher + (1-a)*student) (skew_alpha)."
+    )
+    jsd_beta: float = Field(
+        0.5, gt=0, lt=1, description="jsd: M = beta*p_T + (1-beta)*p_S; beta*KL(p_T||M) + (1-beta)*KL(p_S||M) (TRL)."
+    )
+    skew_alpha: float = Field(0.1, gt=0, lt=1, description="skew_kl: weight alpha of the teacher in the mixture.")
+    temperature: float = Field(
+        1.0, gt=0, description="KD temperature T on both models' logits (KD term scaled by T^2; CE stays at T=1)."
+    )
+    teacher: Literal["online", "cache"] = Field(
+        "online", description="online: run the base every step; cache: read its top-k log-probs from a per-shard cache."
+    )
+    teacher_quant: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="Load the online teacher 8-bit or 4-bit (nf4) through bitsandbytes."
+    )
+    cache_top_k: int = Field(
+        64, ge=1, description="teacher=cache: token log-probs stored per position (the rest is one tail bin)."
+    )
+    cache_logprob_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="teacher=cache: storage of the log-probs (fp16 KD error ~1e-6 relative, measured)."
+    )
+    kd_chunk_tokens: int | None = Field(
+        None, ge=1, description="Tokens per chunk of the fused loss; null: ~32 MiB per [chunk, vocab] fp32 temporary."
+    )
     cache_dir: str | None = Field(
         None, description="teacher=cache: folder of the per-shard teacher caches; default <run>/work/teacher_cache."
     )

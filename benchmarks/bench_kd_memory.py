@@ -1,0 +1,215 @@
+"""Fused chunked KD loss (downscale.kd.distill_loss) vs the naive full-vocabulary computation.
+
+1. Memory at a LLaMA-3-sized vocabulary (V = 128,256): forward + backward of 0.5 CE + 0.5 forward KL
+   for N tokens (student hidden H, teacher hidden H, both heads [V, H]). Naive = student logits [N, V] and
+   teacher logits [N, V] in fp32, log_softmax, F.kl_div + F.cross_entropy, backward. Each variant runs in
+   its own subprocess; peak memory = peak RSS (ru_maxrss) minus the RSS after set-up (inputs, weights)
+   on CPU, or torch.cuda.max_memory_allocated minus the allocation after set-up on GPU. Goal: fused peak
+   <= 0.5x naive. Both variants' losses are printed (they must agree).
+2. Speed at the demo's vocabulary (V = 8192, N = 16 x 255 tokens, H = 256) on this machine: naive vs fused
+   at several chunk sizes, interleaved, median of repeats; the ratio says whether the fused loss slows
+   training. Also the fused loss with bf16 head matmuls (matmul_dtype=torch.bfloat16), for information.
+3. Teacher-cache precision: the KD (value and gradient) from a top-64 cache stored as float16 vs float32,
+   against the truncation error of top-64 itself (vs the full teacher).
+
+    .venv/bin/python benchmarks/bench_kd_memory.py [--tokens 1024] [--hidden 512] [--vocab 128256]
+        [--threads 2] [--quick]
+
+Timings on a shared machine are noisy (+-10-15%); only ratios measured side by side in one run mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def _inputs(n: int, h: int, v: int, device: str, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hid = (torch.randn(n, h, generator=g)).to(device).requires_grad_()
+    w = (torch.randn(v, h, generator=g) * h**-0.5 * 3).to(device).requires_grad_()
+    th = torch.randn(n, h, generator=g).to(device)
+    tw = (torch.randn(v, h, generator=g) * h**-0.5 * 4).to(device)
+    labels = torch.randint(0, v, (n,), generator=g).to(device)
+    return hid, w, th, tw, labels
+
+
+def naive_loss(hid, w, th, tw, labels, kd_ratio: float = 0.5):
+    """The obvious computation: full fp32 logits of both models, log_softmax, kl_div + cross_entropy."""
+    z = hid @ w.T  # [N, V]
+    with torch.no_grad():
+        t = th @ tw.T  # [N, V]
+    ls = torch.log_softmax(z, dim=-1)
+    lt = torch.log_softmax(t, dim=-1)
+    kl = F.kl_div(ls, lt, log_target=True, reduction="batchmean")  # KL(p_T || p_S), mean over tokens
+    ce = F.cross_entropy(z, labels)
+    return kd_ratio * kl + (1 - kd_ratio) * ce
+
+
+def fused_loss(hid, w, th, tw, labels, kd_ratio: float = 0.5, chunk: int | None = None, mm=None):
+    from downscale import kd
+
+    loss, _ = kd.distill_loss(hid, w, labels, kd.DenseTeacher(th, tw), kd_ratio=kd_ratio, kind="forward_kl",
+                              chunk_tokens=chunk, matmul_dtype=mm)
+    return loss
+
+
+def child(args: argparse.Namespace) -> None:
+    """One variant in this process: print {"loss", "peak_mb", "seconds"} as JSON."""
+    torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    hid, w, th, tw, labels = _inputs(args.tokens, args.hidden, args.vocab, args.device)
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_mb()
+    t0 = time.perf_counter()
+    if args.child == "naive":
+        loss = naive_loss(hid, w, th, tw, labels)
+    else:
+        loss = fused_loss(hid, w, th, tw, labels, chunk=args.chunk)
+    loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    print(json.dumps({"loss": float(loss), "peak_mb": peak, "seconds": time.perf_counter() - t0,
+                      "grad_norm": float(w.grad.norm())}))
+
+
+def memory_table(args: argparse.Namespace) -> bool:
+    from downscale import kd
+
+    chunk = args.chunk or kd.auto_chunk_tokens(args.vocab)
+    res = {}
+    for variant in ("naive", "fused"):
+        cmd = [sys.executable, __file__, "--child", variant, "--tokens", str(args.tokens), "--hidden",
+               str(args.hidden), "--vocab", str(args.vocab), "--threads", str(args.threads), "--device",
+               args.device, "--chunk", str(chunk)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        res[variant] = json.loads(out.strip().splitlines()[-1])
+    ratio = res["fused"]["peak_mb"] / res["naive"]["peak_mb"]
+    kind = "CUDA max_memory_allocated" if args.device == "cuda" else "peak RSS - RSS after set-up"
+    print(f"\n1. Memory, 0.5 CE + 0.5 forward KL, forward + backward: N={args.tokens} tokens, H={args.hidden}, "
+          f"V={args.vocab}, fused chunk={chunk} tokens, device={args.device} ({kind})")
+    print(f"{'variant':<10}{'peak MB':>10}{'seconds':>10}{'loss':>14}{'|grad W|':>12}")
+    for v in ("naive", "fused"):
+        r = res[v]
+        print(f"{v:<10}{r['peak_mb']:>10.0f}{r['seconds']:>10.2f}{r['loss']:>14.6f}{r['grad_norm']:>12.5f}")
+    ok = ratio <= 0.5
+    print(f"peak-memory ratio fused/naive = {ratio:.3f} (goal <= 0.5: {'MET' if ok else 'NOT MET'}); "
+          f"time ratio fused/naive = {res['fused']['seconds'] / res['naive']['seconds']:.2f} (one run each)")
+    return ok
+
+
+def speed_table(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    n, h, v = 16 * 255, 256, 8192
+    hid, w, th, tw, labels = _inputs(n, h, v, args.device)
+    variants = {"naive": lambda: naive_loss(hid, w, th, tw, labels)}
+    for c in (256, 1024, 4080):
+        variants[f"fused c={c}"] = lambda c=c: fused_loss(hid, w, th, tw, labels, chunk=c)
+    variants["fused c=1024 bf16 mm"] = lambda: fused_loss(hid, w, th, tw, labels, chunk=1024, mm=torch.bfloat16)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    reps = 2 if args.quick else 3
+    for fn in variants.values():  # warm-up
+        fn().backward()
+    for _ in range(reps):
+        for name, fn in variants.items():
+            hid.grad = w.grad = None
+            t0 = time.perf_counter()
+            fn().backward()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["naive"])
+    print(f"\n2. Speed at the demo's vocabulary: N={n} tokens (16 x 255), H={h}, V={v}, forward + backward of "
+          f"0.5 CE + 0.5 forward KL, median of {reps} interleaved repeats, {args.threads} threads")
+    print(f"{'variant':<22}{'ms':>10}{'tokens/s':>12}{'time / naive':>14}")
+    for name, ts in times.items():
+        m = statistics.median(ts)
+        print(f"{name:<22}{m * 1e3:>10.1f}{n / m:>12.0f}{m / base:>14.2f}")
+
+
+def cache_precision_table(args: argparse.Namespace) -> None:
+    from downscale import kd
+
+    torch.set_num_threads(args.threads)
+    n, v, k, h = 2048, 8192, 64, 64
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for scale in (2.0, 4.0, 8.0):  # flatter to peakier teachers
+        w = torch.randn(v, h, generator=g) * h**-0.5
+        t = torch.randn(n, h, generator=g) @ w.T * scale  # teacher logits [N, V]
+        s = (torch.randn(n, h, generator=g) * scale).requires_grad_()  # student hidden [N, H]
+        labels = torch.randint(0, v, (n,), generator=g)
+        logp = torch.log_softmax(t, -1)
+        vals, ids = torch.topk(logp, k, -1)
+        tail = torch.logsumexp(logp.scatter(1, ids, float("-inf")), -1)
+
+        def kd_and_grad(teacher, s=s, w=w, labels=labels):
+            loss, st = kd.distill_loss(s, w, labels, teacher, kd_ratio=1.0)
+            (gs,) = torch.autograd.grad(loss, [s])
+            return st["kd"], gs
+
+        full, g_full = kd_and_grad(kd.LogitTeacher(t))
+        d32, g32 = kd_and_grad(kd.SparseTeacher(ids, vals, tail))
+        d16, g16 = kd_and_grad(kd.SparseTeacher(ids, vals.half(), tail))
+        ent = float(-(logp.exp() * logp).sum(-1).mean())
+        mass = float(vals.exp().sum(-1).mean())
+        rows.append((scale, ent, mass, full, d32, d16, abs(d16 - d32) / d32, float((g16 - g32).norm() / g32.norm()),
+                     abs(d32 - full) / full, float((g32 - g_full).norm() / g_full.norm())))
+    print(f"\n3. Teacher-cache precision: top-{k} of V={v}, forward KL, N={n} tokens, random teachers of three "
+          f"sharpnesses")
+    print(f"{'scale':>6}{'H(p_T)':>8}{'top-k mass':>11}{'KD full':>10}{'KD fp32':>10}{'KD fp16':>10}"
+          f"{'fp16 vs fp32: KD':>18}{'grad':>9}{'top-k vs full: KD':>19}{'grad':>9}")
+    for r in rows:
+        print(f"{r[0]:>6.1f}{r[1]:>8.3f}{r[2]:>11.3f}{r[3]:>10.4f}{r[4]:>10.4f}{r[5]:>10.4f}{r[6]:>18.2e}"
+              f"{r[7]:>9.2e}{r[8]:>19.2e}{r[9]:>9.2e}")
+    print("(relative errors; fp16 storage is a good choice where its error is far below the top-k truncation's)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=0, help="fused chunk tokens; 0: kd.auto_chunk_tokens(vocab)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--child", choices=("naive", "fused"), help=argparse.SUPPRESS)
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: memory,speed,cache")
+    args = ap.parse_args()
+    if args.child:
+        args.chunk = args.chunk or None
+        child(args)
+        return
+    skip = set(filter(None, args.skip.split(",")))
+    if "memory" not in skip:
+        memory_table(args)
+    if "speed" not in skip:
+        speed_table(args)
+    if "cache" not in skip:
+        cache_precision_table(args)
+
+
+if __name__ == "__main__":
+    main()
