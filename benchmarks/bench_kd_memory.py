@@ -6,14 +6,15 @@
    its own subprocess; peak memory = peak RSS (ru_maxrss) minus the RSS after set-up (inputs, weights)
    on CPU, or torch.cuda.max_memory_allocated minus the allocation after set-up on GPU. Goal: fused peak
    <= 0.5x naive. Both variants' losses are printed (they must agree).
-2. Speed at the demo's vocabulary (V = 8192, N = 16 x 255 tokens, H = 256) on this machine: naive vs fused
-   at several chunk sizes, interleaved, median of repeats; the ratio says whether the fused loss slows
-   training. Also the fused loss with bf16 head matmuls (matmul_dtype=torch.bfloat16), for information.
+2. Speed at the demo's vocabulary (V = 8192, N = 16 x 255 tokens, H = 256) on this machine: naive vs fused,
+   in fp32 and under bf16 autocast (where the fused loss's head matmuls run in bf16, as HF's lm_head does),
+   interleaved, median of repeats, once with glibc's default allocator and once tuned as the specialize stage
+   tunes it on CPU (each in its own subprocess); the ratios say whether the fused loss slows training.
 3. Teacher-cache precision: the KD (value and gradient) from a top-64 cache stored as float16 vs float32,
    against the truncation error of top-64 itself (vs the full teacher).
 
     .venv/bin/python benchmarks/bench_kd_memory.py [--tokens 1024] [--hidden 512] [--vocab 128256]
-        [--threads 2] [--quick]
+        [--threads 2] [--reps 3] [--skip memory,speed,cache]
 
 Timings on a shared machine are noisy (+-10-15%); only ratios measured side by side in one run mean anything.
 """
@@ -119,19 +120,37 @@ def memory_table(args: argparse.Namespace) -> bool:
     return ok
 
 
-def speed_table(args: argparse.Namespace) -> None:
+def _autocast(device: str):
+    return torch.autocast(device, dtype=torch.bfloat16)
+
+
+def speed_child(args: argparse.Namespace) -> None:
+    """The speed variants in this process (allocator as asked): print {variant: median seconds} as JSON."""
+    if args.child == "speed-tuned":
+        from downscale.models import tune_cpu_allocator
+
+        tune_cpu_allocator()
     torch.set_num_threads(args.threads)
     n, h, v = 16 * 255, 256, 8192
     hid, w, th, tw, labels = _inputs(n, h, v, args.device)
-    variants = {"naive": lambda: naive_loss(hid, w, th, tw, labels)}
-    for c in (256, 1024, 4080):
-        variants[f"fused c={c}"] = lambda c=c: fused_loss(hid, w, th, tw, labels, chunk=c)
-    variants["fused c=1024 bf16 mm"] = lambda: fused_loss(hid, w, th, tw, labels, chunk=1024, mm=torch.bfloat16)
+
+    def auto(fn):
+        def run():
+            with _autocast(args.device):
+                return fn()
+        return run
+
+    variants = {
+        "naive fp32": lambda: naive_loss(hid, w, th, tw, labels),
+        "fused fp32 c=256": lambda: fused_loss(hid, w, th, tw, labels, chunk=256),
+        "fused fp32 c=auto": lambda: fused_loss(hid, w, th, tw, labels),
+        "naive bf16 autocast": auto(lambda: naive_loss(hid, w, th, tw, labels)),
+        "fused bf16 autocast": auto(lambda: fused_loss(hid, w, th, tw, labels)),
+    }
     times: dict[str, list[float]] = {k: [] for k in variants}
-    reps = 2 if args.quick else 3
     for fn in variants.values():  # warm-up
         fn().backward()
-    for _ in range(reps):
+    for _ in range(args.reps):
         for name, fn in variants.items():
             hid.grad = w.grad = None
             t0 = time.perf_counter()
@@ -139,13 +158,28 @@ def speed_table(args: argparse.Namespace) -> None:
             if args.device == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["naive"])
-    print(f"\n2. Speed at the demo's vocabulary: N={n} tokens (16 x 255), H={h}, V={v}, forward + backward of "
-          f"0.5 CE + 0.5 forward KL, median of {reps} interleaved repeats, {args.threads} threads")
-    print(f"{'variant':<22}{'ms':>10}{'tokens/s':>12}{'time / naive':>14}")
-    for name, ts in times.items():
-        m = statistics.median(ts)
-        print(f"{name:<22}{m * 1e3:>10.1f}{n / m:>12.0f}{m / base:>14.2f}")
+    print(json.dumps({k: statistics.median(ts) for k, ts in times.items()}))
+
+
+def speed_table(args: argparse.Namespace) -> None:
+    from downscale import kd
+
+    n = 16 * 255
+    res = {}
+    for alloc in ("default", "tuned"):
+        cmd = [sys.executable, __file__, "--child", f"speed-{alloc}", "--threads", str(args.threads), "--device",
+               args.device, "--reps", str(args.reps)]
+        res[alloc] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    print(f"\n2. Speed at the demo's vocabulary: N={n} tokens (16 x 255), H=256, V=8192 (auto chunk = "
+          f"{kd.auto_chunk_tokens(8192)}), forward + backward of 0.5 CE + 0.5 forward KL, median of {args.reps} "
+          f"interleaved repeats, {args.threads} threads; malloc 'tuned' = models.tune_cpu_allocator() as the "
+          f"specialize stage does on CPU. Ratios are against naive at the same precision.")
+    print(f"{'variant':<22}{'ms (default malloc)':>21}{'vs naive':>10}{'ms (tuned malloc)':>19}{'vs naive':>10}")
+    for name in res["default"]:
+        ref = "naive bf16 autocast" if "bf16" in name else "naive fp32"
+        cells = "".join(f"{res[a][name] * 1e3:>{19 if a == 'tuned' else 21}.1f}{res[a][name] / res[a][ref]:>10.2f}"
+                        for a in ("default", "tuned"))
+        print(f"{name:<22}{cells}")
 
 
 def cache_precision_table(args: argparse.Namespace) -> None:
@@ -194,10 +228,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=0, help="fused chunk tokens; 0: kd.auto_chunk_tokens(vocab)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="fewer repeats")
-    ap.add_argument("--child", choices=("naive", "fused"), help=argparse.SUPPRESS)
+    ap.add_argument("--reps", type=int, default=3, help="timed repeats of each speed variant")
+    ap.add_argument("--child", choices=("naive", "fused", "speed-default", "speed-tuned"), help=argparse.SUPPRESS)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: memory,speed,cache")
     args = ap.parse_args()
+    if args.child in ("speed-default", "speed-tuned"):
+        speed_child(args)
+        return
     if args.child:
         args.chunk = args.chunk or None
         child(args)
