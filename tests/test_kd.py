@@ -383,3 +383,23 @@ def test_distillation_steps_lower_kd_on_a_tiny_model():
         opt.step()
     _, stats1 = step_loss()
     assert stats1["kd"] < 0.5 * stats0["kd"], (stats0, stats1)
+
+
+def test_fp16_gradients_survive_loss_scaling():
+    """fp16 inputs under a GradScaler-style loss scale: the per-token gradients (~1/n) must not underflow."""
+    g = torch.Generator().manual_seed(11)
+    n, h, v = 3000, 16, 500
+    hid, w = torch.randn(n, h, generator=g) * 0.3, torch.randn(v, h, generator=g) * 0.3
+    labels = torch.randint(0, v, (n,), generator=g)
+    teacher = kd.DenseTeacher(torch.randn(n, h, generator=g), torch.randn(v, h, generator=g))
+
+    def grads(dtype, scale):
+        hh, ww = hid.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
+        loss, _ = kd.distill_loss(hh, ww, labels, teacher, kd_ratio=0.5, chunk_tokens=700)
+        (loss * scale).backward()
+        assert hh.grad.dtype == dtype and ww.grad.dtype == dtype
+        return hh.grad.float() / scale, ww.grad.float() / scale
+
+    ref_h, ref_w = grads(torch.float32, 1.0)
+    got_h, got_w = grads(torch.float16, 65536.0)
+    assert (got_h - ref_h).norm() / ref_h.norm() < 5e-3 and (got_w - ref_w).norm() / ref_w.norm() < 5e-3

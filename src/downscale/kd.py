@@ -346,8 +346,11 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teach
         t_weight = tw.to(device, _mm_dtype(teacher.hidden.dtype, tw.dtype, o.matmul_dtype, device))
     w_ce = (1.0 - o.kd_ratio) / max(n, 1)
     w_kd = o.kd_ratio * o.temperature**2 / max(n, 1)
-    gh = torch.zeros_like(hidden) if grad_hidden else None
+    # fp16 gradients of a mean loss underflow (|g| ~ 1/n); they are kept in fp32 until backward has applied
+    # the upstream gradient (e.g. a GradScaler's scale), and scaled by n before each fp16 matmul.
+    gh = torch.zeros(hidden.shape, dtype=_grad_dtype(hidden.dtype), device=device) if grad_hidden else None
     gw = torch.zeros(weight.shape, dtype=torch.float32, device=device) if grad_weight else None
+    g_up = float(max(n, 1)) if mm == torch.float16 else 1.0
     need_grad = grad_hidden or grad_weight
     ce_sum = torch.zeros((), dtype=torch.float64, device=device)
     kd_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -367,17 +370,23 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teach
                 kd_sum += kd.sum(dtype=torch.float64)
             if g is None:
                 continue
+            if g_up != 1.0:
+                g.mul_(g_up)
+            gm = g.to(mm)
+            del g
             if grad_hidden:
-                gc = (g.to(mm) @ w).to(hidden.dtype)  # [C, H]
+                gc = (gm @ w).to(gh.dtype)  # [C, H]
+                if g_up != 1.0:
+                    gc.div_(g_up)
                 if rows is None:
                     gh[sel] = gc
                 else:
                     gh.index_copy_(0, sel, gc)
             if grad_weight:
                 if mm == torch.float32:
-                    gw.addmm_(g.T, h)
+                    gw.addmm_(gm.T, h)
                 else:
-                    gw += (g.to(mm).T @ h).float()
+                    gw.add_((gm.T @ h).float(), alpha=1.0 / g_up)
     loss = torch.zeros((), dtype=torch.float64, device=device)
     if o.kd_ratio < 1.0:
         loss = loss + (1.0 - o.kd_ratio) * ce_sum / max(n, 1)
@@ -385,8 +394,13 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teach
         loss = loss + o.kd_ratio * o.temperature**2 * kd_sum / max(n, 1)
     stats = torch.stack([ce_sum, kd_sum, torch.tensor(float(n), dtype=torch.float64, device=device)])
     if gw is not None:
-        gw = gw.to(weight.dtype)
+        gw = gw.to(_grad_dtype(weight.dtype))
     return loss.float(), stats, gh, gw
+
+
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where a gradient waits for backward: fp32 for fp16 tensors (range), else their own dtype."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 class _FusedDistill(torch.autograd.Function):
@@ -397,6 +411,7 @@ class _FusedDistill(torch.autograd.Function):
         loss, stats, gh, gw = _run(hidden, weight, labels, teacher, opts, ctx.needs_input_grad[0],
                                    ctx.needs_input_grad[1])
         ctx.save_for_backward(gh, gw)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
@@ -408,7 +423,8 @@ class _FusedDistill(torch.autograd.Function):
             gh = gh * scale.to(gh.dtype)
         if gw is not None and scale is not None:
             gw = gw * scale.to(gw.dtype)
-        return gh, gw, None, None, None
+        return (None if gh is None else gh.to(ctx.hidden_dtype), None if gw is None else gw.to(ctx.weight_dtype),
+                None, None, None)
 
 
 def distill_loss(student_hidden: torch.Tensor, student_head_weight: torch.Tensor, labels: torch.Tensor,

@@ -104,7 +104,7 @@ def _settings(fingerprints: dict, top_k: int, temperature: float, vocab: int, n_
 def build_teacher_cache(teacher_model: torch.nn.Module, blocks: np.ndarray, out_dir: str | Path, *, top_k: int = 64,
                         temperature: float = 1.0, batch_size: int = 8, device: torch.device | str = "cpu",
                         amp_dtype: torch.dtype | None = None, fingerprints: dict[str, Any] | None = None,
-                        logprob_dtype: str = "float16", chunk_tokens: int = 1024, progress: bool = True,
+                        logprob_dtype: str = "float16", chunk_tokens: int | None = None, progress: bool = True,
                         on_batch: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run ``teacher_model`` over ``blocks`` [n, T] and store its top-k log-probs per position in ``out_dir``.
 
@@ -121,7 +121,8 @@ def build_teacher_cache(teacher_model: torch.nn.Module, blocks: np.ndarray, out_
         batch_size: blocks per teacher forward; device / amp_dtype: where and under which autocast it runs.
         fingerprints: provenance checked by ``TeacherCache.open(expect=...)`` (see ``cache_fingerprints``).
         logprob_dtype: "float16" or "float32" storage of the log-probs.
-        chunk_tokens: positions per head matmul + top-k (bounds the [chunk, V] fp32 temporaries).
+        chunk_tokens: positions per head matmul + top-k (bounds the [chunk, V] fp32 temporaries); None:
+            ``kd.auto_chunk_tokens(V)``.
         progress: a tqdm bar on stderr.  on_batch: called as ``on_batch(blocks_done, n_blocks)`` after
             each committed batch (progress hooks; tests interrupt a build from it).
 
@@ -144,6 +145,7 @@ def build_teacher_cache(teacher_model: torch.nn.Module, blocks: np.ndarray, out_
     vocab = head.shape[0]
     if not (1 <= top_k <= vocab):
         raise ValueError(f"top_k must be in [1, vocab size {vocab}]; got {top_k}")
+    chunk_tokens = kd.auto_chunk_tokens(vocab, chunk_tokens)
     n_blocks, block = int(blocks.shape[0]), int(blocks.shape[1])
     settings = _settings(fingerprints or {}, top_k, temperature, vocab, n_blocks, block, logprob_dtype)
     keys = [k for k in settings if k != "format"]
