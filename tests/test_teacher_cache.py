@@ -56,18 +56,22 @@ def test_build_stores_topk_logprobs_and_tail_of_the_teacher(tmp_path):
         cache.sparse_teacher([10])
 
 
-@pytest.mark.parametrize("kind", ["forward_kl", "jsd", "reverse_kl"])
-def test_cached_kd_with_full_vocab_equals_online_kd(tmp_path, kind):
+@pytest.mark.parametrize("kind, amp", [("forward_kl", None), ("jsd", None), ("reverse_kl", None),
+                                       ("forward_kl", torch.bfloat16)])
+def test_cached_kd_with_full_vocab_equals_online_kd(tmp_path, kind, amp):
+    """Cache built (under the same autocast as training, if any) with k = V gives online KD's values and grads."""
+    from downscale.models import autocast
     from tiny import tiny_model
 
-    vocab, T = 64, 1.5
+    vocab, T, cpu = 64, 1.5, torch.device("cpu")
     teacher, blocks = _teacher(vocab=vocab, hidden=32), _blocks(n=4, t=12, vocab=vocab, seed=1)
-    _build(teacher, blocks, tmp_path / "c", top_k=vocab, temperature=T, logprob_dtype="float32", batch_size=4)
+    _build(teacher, blocks, tmp_path / "c", top_k=vocab, temperature=T, logprob_dtype="float32", batch_size=4,
+           amp_dtype=amp)
     cache = TeacherCache.open(tmp_path / "c")
     assert np.isneginf(cache.tail).all()
     student = tiny_model(vocab_size=vocab, hidden=16, heads=2, kv_heads=1, seed=5)
     ids = torch.as_tensor(blocks[[2, 0, 3]].astype(np.int64))
-    with torch.no_grad():
+    with torch.no_grad(), autocast(cpu, amp):
         th = teacher.get_decoder()(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, 32)
     online = kd.DenseTeacher(th, teacher.get_output_embeddings().weight)
     cached = cache.sparse_teacher([2, 0, 3])
@@ -75,9 +79,10 @@ def test_cached_kd_with_full_vocab_equals_online_kd(tmp_path, kind):
     results = []
     for target in (online, cached):
         student.zero_grad()
-        hs = student.get_decoder()(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, 16)
-        loss, stats = kd.distill_loss(hs, student.get_output_embeddings().weight, labels, target, kd_ratio=0.8,
-                                      kind=kind, temperature=T, chunk_tokens=7)
+        with autocast(cpu, amp):
+            hs = student.get_decoder()(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, 16)
+            loss, stats = kd.distill_loss(hs, student.get_output_embeddings().weight, labels, target,
+                                          kd_ratio=0.8, kind=kind, temperature=T, chunk_tokens=7)
         loss.backward()
         results.append((loss.item(), stats["kd"], {n: p.grad.clone() for n, p in student.named_parameters()}))
     assert results[1][0] == pytest.approx(results[0][0], abs=1e-6)
