@@ -249,6 +249,10 @@ class CompressConfig(_Section):
     rounds: int = Field(1, ge=1, description="Iterative pruning rounds (raised if max_cut_per_round needs more).")
     max_cut_per_round: float = Field(0.5, gt=0, le=1, description="Largest parameter fraction cut in one round.")
     norm_rescale: bool = Field(True, description="Rescale RMSNorm weights after hidden pruning.")
+    recover_steps: int = Field(
+        0, ge=0, description="Iterative mode: distillation steps from the base between pruning rounds (0: none); "
+                             "uses specialize's KD settings and its batch size and learning rate.",
+    )
 
 
 # --------------------------------------------------------------------------- specialize

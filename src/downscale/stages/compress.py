@@ -165,6 +165,10 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
         return out
 
     base_val = val_losses(base)
+    if recover is None and c.recover_steps > 0 and len(the_plan.rounds) > 1:
+        from downscale.stages.specialize import distillation_recovery
+
+        recover = distillation_recovery(ctx, base, shards, device, amp)
     manifest = load_manifest(run_dir)["stages"]
     fingerprints = {k: manifest.get(k, {}).get("outputs", {}) for k in ("data", "base")}
     rng_seed = cfg.run.seed

@@ -50,16 +50,23 @@ def run(ctx: StageContext, part: int | str | None = None) -> dict:
             ctx.log(f"[specialize] student {i} complete, skipped")
             summaries[str(i)] = read_json(out / "train_summary.json")
             continue
-        pipeline.record_part(run_dir, STAGE, str(i), {"status": "running", "started": started,
-                                                      "config_hash": part_hash, "inputs": inputs})
+        main = pipeline.is_main_process()  # the manifest and the outputs belong to rank 0
+        if main:
+            pipeline.record_part(run_dir, STAGE, str(i), {"status": "running", "started": started,
+                                                          "config_hash": part_hash, "inputs": inputs})
         try:
             staged = ctx.staging / str(i)
             summary = specialize_student(ctx, i, shards, staged)
-            replace_dir(staged, out)
+            if main:
+                replace_dir(staged, out)
         except BaseException as exc:
-            pipeline.record_part(run_dir, STAGE, str(i), {"status": "failed", "config_hash": part_hash,
-                                                          "error": f"{type(exc).__name__}: {exc}"[:500]})
+            if main:
+                pipeline.record_part(run_dir, STAGE, str(i), {"status": "failed", "config_hash": part_hash,
+                                                              "error": f"{type(exc).__name__}: {exc}"[:500]})
             raise
+        if not main:
+            summaries[str(i)] = summary
+            continue
         from downscale._io import dir_fingerprint
 
         pipeline.record_part(run_dir, STAGE, str(i), {
@@ -101,15 +108,19 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
     teacher = load_teacher(base_dir, scfg, device, amp)  # also gives the validation KL
     student = models.load_causal_lm(student_dir, dtype="float32", device=device)
     try:
-        kd.check_same_vocab(student, teacher, student_dir, base_dir)
+        kd.check_same_vocab(student, teacher, student_dir if _has_tokenizer(student_dir) else None,
+                            base_dir if _has_tokenizer(base_dir) else None)
     except ValueError as exc:
         raise StageError(f"{student_dir}: specialize: {exc}") from None
     student.config.use_cache = False
     t_start = time.time()
 
+    if len(open_split(run_dir, shard, "train")) == 0:
+        raise StageError(f"{run_dir / 'data' / shard}: specialize: shard {shard!r} of student {i} has no train "
+                         f"blocks (an empty shard); give it more text or drop it from data.sources")
     val_blocks = {s: open_split(run_dir, s, "val") for s in shards}
     eval_kw = dict(batch_size=tcfg.batch_size, max_batches=tcfg.eval_batches, device=device, amp=amp,
-                   chunk_tokens=scfg.kd_chunk_tokens)
+                   chunk_tokens=kd.auto_chunk_tokens(student.config.vocab_size, scfg.kd_chunk_tokens))
     before = evaluate_student(student, teacher, val_blocks, **eval_kw)
     ctx.log(f"[specialize] student {i} ({shard}) before: CE {before[shard]['ce']:.4f}, "
             f"KL to teacher {before[shard]['kl']:.4f} on its own shard")
@@ -155,6 +166,7 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
                        config_hash=cfg.section_hash("run.seed", "run.precision", "specialize") + f"-{i}")
     wrapper = accelerator.unwrap_model(wrapper)
     student = wrapper.student
+    rank_digests = _rank_digests(student, accelerator)
     changed = sum(not torch.equal(trainable[n], p.detach()) for n, p in student.named_parameters() if n in trainable)
     if scfg.lora:
         student = student.merge_and_unload()
@@ -172,6 +184,7 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
         "kd": {"ratio": scfg.kd_ratio, "loss": scfg.kd_loss, "temperature": scfg.temperature,
                "teacher": scfg.teacher, "teacher_quant": scfg.teacher_quant},
         "lora": scfg.lora, "replay_fraction": scfg.replay_fraction, "world_size": accelerator.num_processes,
+        "rank_weight_digests": rank_digests,
         "before": before, "after": after,
     }
     if pipeline.is_main_process():
@@ -182,6 +195,22 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
 
         shutil.copy2(work / "metrics.jsonl", out / "metrics.jsonl")
     return summary
+
+
+def _rank_digests(model, accelerator) -> list[str]:
+    """A digest of the trained weights from every rank (one entry per process): equal digests show that
+    the data-parallel ranks really stayed in sync."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    if accelerator.num_processes == 1:
+        return [h.hexdigest()[:16]]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([h.hexdigest()[:16]]))
 
 
 class DistillStudent(torch.nn.Module):
@@ -203,6 +232,50 @@ class DistillStudent(torch.nn.Module):
         return kd.distill_loss(h, head, labels, teacher, kd_ratio=s.kd_ratio, kind=s.kd_loss,
                                temperature=s.temperature, beta=s.jsd_beta, alpha=s.skew_alpha,
                                chunk_tokens=s.kd_chunk_tokens)
+
+
+# --------------------------------------------------------------------------- compress recovery
+
+
+def distillation_recovery(ctx: StageContext, teacher, shards: list[str], device, amp):
+    """The compress stage's recovery hook: ``compress.recover_steps`` steps of distillation from the base
+    (already loaded as ``teacher``) on the student's own shard, with specialize's KD settings."""
+    from downscale import models, train
+
+    cfg, scfg = ctx.cfg, ctx.cfg.specialize
+    steps, tcfg = cfg.compress.recover_steps, scfg.train
+
+    def recover(model, round_index: int, student_index: int):
+        model = model.float()  # fp32 master weights for the few optimizer steps
+        model.train()
+        sampler = train.BlockSampler([open_split(ctx.run_dir, shards[student_index], "train")], tcfg.batch_size,
+                                     seed=cfg.run.seed + 7919 * (student_index + 1) + round_index)
+        opt = train.make_optimizer(model, tcfg)
+        wrapper = DistillStudent(model, scfg)
+        sched = tcfg.model_copy(update={"max_steps": steps, "warmup_steps": min(tcfg.warmup_steps, steps // 5)})
+        t0, last = time.time(), {}
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = train.lr_at(step, sched)
+            ids = torch.as_tensor(sampler.batch(step)["input_ids"], device=device)
+            target = teacher_targets(teacher, ids, amp) if scfg.kd_ratio > 0 else None
+            with models.autocast(device, amp):
+                loss, last = wrapper(ids, target)
+            if not torch.isfinite(loss):
+                raise train.TrainingDiverged(f"compress recovery of student {student_index}: loss {float(loss)} "
+                                             f"at step {step + 1}")
+            loss.backward()
+            if tcfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        ctx.log(f"[compress] student {student_index} recovered after round {round_index + 1}: {steps} KD steps, "
+                f"loss {last.get('loss', float('nan')):.3f} (CE {last.get('ce', float('nan')):.3f}) in "
+                f"{time.time() - t0:.1f}s")
+        model.eval()
+        return model
+
+    return recover
 
 
 # --------------------------------------------------------------------------- teacher
@@ -249,25 +322,37 @@ def teacher_targets(teacher, ids, amp):
 def ensure_teacher_cache(ctx: StageContext, shard: str, teacher, device, amp):
     """Open (or build, then open) the teacher cache of ``shard``; rebuilt when the base or data changed."""
     from downscale import teacher_cache
-    from downscale._io import dir_fingerprint
 
     scfg = ctx.cfg.specialize
     root = Path(scfg.cache_dir) if scfg.cache_dir else ctx.run_dir / "work" / "teacher_cache"
     path = root / shard
-    expect = {"teacher": dir_fingerprint(ctx.run_dir / "base"),
-              "data": dir_fingerprint(ctx.run_dir / "data" / shard / "train.bin"),
-              "top_k": scfg.cache_top_k, "temperature": scfg.temperature}
+    expect = teacher_cache.cache_fingerprints(ctx.run_dir, shard, top_k=scfg.cache_top_k,
+                                              temperature=scfg.temperature)
     try:
         return teacher_cache.TeacherCache.open(path, expect=expect)
     except (FileNotFoundError, ValueError) as exc:
-        if scfg.cache_dir and path.exists() and "another" in str(exc):
+        if scfg.cache_dir and "another" in str(exc):
+            # A user-given cache folder is never overwritten behind the user's back.
             raise StageError(f"{ctx.cfg._source}: specialize.cache_dir: {exc}") from None
         ctx.log(f"[specialize] building the teacher cache of shard {shard} ({exc})")
-    teacher_cache.build_teacher_cache(teacher, open_split(ctx.run_dir, shard, "train"), path,
-                                      top_k=scfg.cache_top_k, temperature=scfg.temperature,
-                                      batch_size=scfg.train.batch_size, device=device, amp_dtype=amp,
-                                      fingerprints=expect)
+    if pipeline.is_main_process():
+        teacher_cache.build_teacher_cache(teacher, open_split(ctx.run_dir, shard, "train"), path,
+                                          top_k=scfg.cache_top_k, temperature=scfg.temperature,
+                                          batch_size=scfg.train.batch_size, device=device, amp_dtype=amp,
+                                          fingerprints=expect, logprob_dtype=scfg.cache_logprob_dtype)
+    _barrier()
     return teacher_cache.TeacherCache.open(path, expect=expect)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()
 
 
 # --------------------------------------------------------------------------- evaluation
