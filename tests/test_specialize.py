@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import fake_data_run
 
 from downscale import pipeline, train
 from downscale.pipeline import StageError
+from tiny import fake_data_run
 
 SPECIALIZE = {"kd_ratio": 0.5, "train": {"max_steps": 12, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2,
                                          "eval_every": 6, "eval_batches": 2, "save_every": 4, "log_every": 2}}
@@ -179,8 +179,8 @@ def test_empty_shard_is_a_clear_error(tmp_path) -> None:
     train_bin = cfg.run_dir / "data" / "legal" / "train.bin"
     np.zeros(0, dtype=np.uint16).tofile(train_bin)
     with pytest.raises(StageError, match="no train blocks") as info:
-        from downscale.stages import specialize
         from downscale.pipeline import StageContext
+        from downscale.stages import specialize
 
         ctx = StageContext(cfg=cfg, run_dir=cfg.run_dir, staging=tmp_path / "staging", stage="specialize",
                            log=lambda m: None)

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny import fake_data_run, tiny_model
 
 from downscale import pipeline, train
 from downscale.data.blocks import open_split
+from tiny import fake_data_run, tiny_model
 
 
 def _sources():

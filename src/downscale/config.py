@@ -64,7 +64,9 @@ class SourceConfig(_Section):
     """One source of documents. With ``data.shard_by: source`` each source is one domain shard."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="Shard / domain label (a folder name).")
-    kind: Literal["builtin", "local", "hf"] = Field(..., description="builtin corpus, local files, or a datasets hub id.")
+    kind: Literal["builtin", "local", "hf"] = Field(
+        ..., description="builtin corpus, local files, or a datasets hub id."
+    )
     builtin: Literal["python_code", "english_docs", "legal"] | None = Field(
         None, description="kind=builtin: which embedded domain."
     )
@@ -504,7 +506,8 @@ def _origin_of(key: str, overrides: list[tuple[list[str], Any, str]], file: str)
     return file
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), check_paths: bool = True) -> ExperimentConfig:
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                check_paths: bool = True) -> ExperimentConfig:
     """Read a YAML experiment, apply ``key.path=value`` overrides, validate, fill defaults.
 
     Raises ``ConfigError`` (one line) on any problem. ``check_paths`` verifies that local
