@@ -49,7 +49,7 @@ def verdict(results: dict) -> str:
 def main_table(results: dict) -> str:
     """The Markdown table of every row: loss per domain and pooled, perplexity, parameters, FLOPs, speed."""
     shards = results["shards"]
-    head = ["model", *shards, "pooled", "ppl", "params", "active", "GFLOPs/tok", "tok/s", "peak MB"]
+    head = ["model", *shards, "pooled", "ppl", "params", "active", "FLOPs/tok", "tok/s", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = {s: min(r["loss"][s] for r in results["rows"]) for s in [*shards, "pooled"]}
     for r in results["rows"]:
@@ -58,7 +58,7 @@ def main_table(results: dict) -> str:
             val = f"{r['loss'][s]:.4f}"
             cells.append(f"**{val}**" if abs(r["loss"][s] - best[s]) < 1e-12 else val)
         cells += [f"{r['perplexity']['pooled']:.2f}", _fmt_params(r["params"]), _fmt_params(r["active_params"]),
-                  _fmt_num(r["flops_per_token"] / 1e9 if r.get("flops_per_token") else None, 4),
+                  _sci(r.get("flops_per_token")),
                   _fmt_num(r.get("throughput_tokens_per_s"), 0), _fmt_num(r.get("peak_memory_mb"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -83,7 +83,8 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
                + ", ".join(f"{s} -> {p}" for s, p in oracle["picks"].items()) + "."]
     md += ["", "## Ensemble size", ""]
     for mode, pts in results["ensemble_size_curves"].items():
-        fit = results["law_fit"][mode]["fit"]
+        lf = results["law_fit"].get(mode, {})
+        fit = lf.get("fit") or {"status": "not fitted", "note": lf.get("error", "no fit")}
         md += [f"**{mode}**: mean loss over subsets of m students: "
                + ", ".join(f"m={p['m']}: {p['loss']:.4f} ({p['subsets']} subsets)" for p in pts) + "."]
         if fit.get("L_inf") is not None:
@@ -99,7 +100,9 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
            f"With the paper's constants (a={g['constants']['a']}, b={g['constants']['b']}, "
            f"gamma={g['constants']['gamma']}, delta={g['constants']['delta']}) and N0 = "
            f"{results['base']['params'] / 1e9:.4g}B parameters, the smallest ensemble the law guarantees to beat "
-           f"the base is n = {g['n_min']} (right-hand side {g['rhs']:.4f}). This run used "
+           + (f"the base is n = {g['n_min']}" if g.get("n_min") is not None else
+              "the base: none within the searched range (the law gives no guarantee for a base this small)")
+           + f" (right-hand side {g['rhs']:.4f}). This run used "
            f"{len(results['ensemble_size_curve'])} students. The law's constants were fitted to large models; at "
            "this scale they are a reference, not a prediction.", ""]
     md += ["## Parameters", "", f"![loss vs parameters]({plots['params']})", ""]
@@ -146,7 +149,7 @@ def _plots(results: dict, out_dir: Path) -> dict[str, str]:
         ax.errorbar(ms, [p["loss"] for p in pts], yerr=[[p["loss"] - p["min"] for p in pts],
                                                         [p["max"] - p["loss"] for p in pts]],
                     marker="o", capsize=3, label=f"{mode} (measured)")
-        fit = results["law_fit"][mode]["fit"]
+        fit = results["law_fit"].get(mode, {}).get("fit") or {}
         if fit.get("L_inf") is not None:
             grid = np.linspace(1, max(ms.max(), 2), 100)
             ax.plot(grid, ensemble_law(grid, fit["L_inf"], fit["B"], fit["a"]), "--", alpha=0.7,

@@ -73,12 +73,13 @@ def run(ctx: StageContext) -> dict:
     ens_meta = read_json(ens_json)
     from downscale.ensemble import load_ensemble
 
+    ens = load_ensemble(run_dir / "ensemble", device=device, dtype=torch.float32)
+    ens_params = _ensemble_params(ens, specialized)
     for mode in ens_meta["modes"]:
-        ens = load_ensemble(run_dir / "ensemble", mode=mode, device=device, dtype=torch.float32)
-        rows.append(ev.score_model(f"ensemble ({mode})", "ensemble", ens, [f"specialized/{i}" for i in range(n)],
-                                   mode=mode, params=_ensemble_params(ens, specialized),
-                                   active=_active_params(ens, specialized, mode)))
-        del ens
+        ens.mode = mode
+        rows.append(ev.score_model(f"ensemble ({mode})", "ensemble", ens, list(ens_meta["students"]),
+                                   mode=mode, params=ens_params, active=_active_params(ens, specialized, mode)))
+    del ens
     curve = ensemble_size_curve(specialized, test, ecfg, device, amp, seed=cfg.run.seed, log=ctx.log)
     del specialized
 
@@ -169,17 +170,14 @@ def _ensemble_params(ens, specialized) -> int:
 
 
 def _active_params(ens, specialized, mode: str) -> int:
-    """Parameters that run for each token: every student, unless the mode drops some (zero weight, top-k)."""
+    """Parameters that run for each token. Every student runs in every mode (the Bayes router needs every
+    student's likelihood, and the routed top-k drops students only after they ran); only fixed weights of
+    zero take a student out."""
     from downscale.models import count_params
 
     sizes = [count_params(s) for s in specialized]
-    if mode == "weighted":
-        w = getattr(ens, "weights", None)
-        if w is not None:
-            return sum(sz for sz, wi in zip(sizes, list(w), strict=False) if float(wi) > 0)
-    top_k = getattr(ens, "top_k", None) if mode == "routed" else None
-    if top_k:
-        return int(sum(sorted(sizes)[-int(top_k):]))
+    if mode == "weighted" and getattr(ens, "weights", None) is not None:
+        return sum(sz for sz, wi in zip(sizes, list(ens.weights), strict=False) if float(wi) > 0)
     return sum(sizes)
 
 
@@ -335,7 +333,10 @@ def assemble_results(ctx: StageContext, rows: list[dict], curve: dict, shards: l
     results["winners"] = winners
     fits = {}
     for mode, pts in curve.items():
-        fits[mode] = law.fit_results({"ensemble_size_curve": pts, "base": {"loss": base["loss"]["pooled"]}})
+        try:
+            fits[mode] = law.fit_results({"ensemble_size_curve": pts, "base": {"loss": base["loss"]["pooled"]}})
+        except (ValueError, RuntimeError) as exc:  # too few points, or a curve the law cannot describe
+            fits[mode] = {"error": str(exc)}
     results["law_fit"] = fits
     results["downscaling_guarantee"] = law.downscaling_guarantee(n0=base_params / 1e9, l0=base["loss"]["pooled"])
     results["ledger"] = compute_ledger(ctx, rows, control_info)
@@ -377,7 +378,9 @@ def compute_ledger(ctx: StageContext, rows: list[dict], control_info: dict | Non
     else:
         entries.append(cost.stage_entry("base (imported, pretrained elsewhere)", seconds=secs.get("base", 0)))
     comp = _maybe_json(run_dir / "students" / "compress.json")
-    calib_tokens = sum(int(s.get("calibration_tokens", 0)) for s in comp.get("students", []))
+    block = int(data_meta(run_dir)["block_size"])
+    calib_tokens = sum(int(s.get("calibration_blocks", 0)) * block * max(1, len(s.get("rounds", [])))
+                       for s in comp.get("students", []))
     entries.append(cost.stage_entry("compress", seconds=secs.get("compress", 0), forward_n=n_base,
                                     forward_tokens=calib_tokens))
     for i in range(cfg.num_students):
