@@ -406,6 +406,9 @@ class ExperimentConfig(_Section):
         if self.compress.num_students is not None and self.compress.num_students != n:
             raise ValueError(f"compress.num_students ({self.compress.num_students}) must equal the number of "
                              f"shards ({n}): student i specializes on shard i")
+        if self.combine.weights is not None and len(self.combine.weights) != n:
+            raise ValueError(f"combine.weights has {len(self.combine.weights)} weights but there are {n} students "
+                             f"(one weight per student)")
         return self
 
     @property

@@ -55,7 +55,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("compress", "downscale.stages.compress", ("run.seed", "compress"), ("data", "base"), ("students",)),
     Stage("specialize", "downscale.stages.specialize", ("run.seed", "run.precision", "specialize"),
           ("data", "base", "compress"), ("specialized",), incremental=True),
-    Stage("combine", "downscale.stages.combine", ("combine",), ("data", "specialize"), ("ensemble",)),
+    Stage("combine", "downscale.stages.combine", ("combine",), ("data", "compress", "specialize"), ("ensemble",)),
     Stage("evaluate", "downscale.stages.evaluate", ("evaluate",), ("data", "base", "compress", "specialize",
                                                                     "combine"), ("eval",)),
 )
@@ -111,6 +111,21 @@ def load_manifest(run_dir: Path) -> dict:
 
 def _save_manifest(run_dir: Path, manifest: dict) -> None:
     write_json_atomic(manifest_path(run_dir), manifest)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock on ``path`` (created if needed) for the duration of the block: parallel
+    jobs on one file system (student jobs, SLURM array tasks) take turns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except ImportError:  # not POSIX: no locking
+            pass
+        yield
 
 
 @contextlib.contextmanager

@@ -336,10 +336,15 @@ def ensure_teacher_cache(ctx: StageContext, shard: str, teacher, device, amp):
             raise StageError(f"{ctx.cfg._source}: specialize.cache_dir: {exc}") from None
         ctx.log(f"[specialize] building the teacher cache of shard {shard} ({exc})")
     if pipeline.is_main_process():
-        teacher_cache.build_teacher_cache(teacher, open_split(ctx.run_dir, shard, "train"), path,
-                                          top_k=scfg.cache_top_k, temperature=scfg.temperature,
-                                          batch_size=scfg.train.batch_size, device=device, amp_dtype=amp,
-                                          fingerprints=expect, logprob_dtype=scfg.cache_logprob_dtype)
+        # Parallel student jobs with replay need the same shard's cache: one builds it, the others wait.
+        with pipeline.file_lock(path.parent / f".{shard}.lock"):
+            try:
+                teacher_cache.TeacherCache.open(path, expect=expect)  # built by another job meanwhile
+            except (FileNotFoundError, ValueError):
+                teacher_cache.build_teacher_cache(teacher, open_split(ctx.run_dir, shard, "train"), path,
+                                                  top_k=scfg.cache_top_k, temperature=scfg.temperature,
+                                                  batch_size=scfg.train.batch_size, device=device, amp_dtype=amp,
+                                                  fingerprints=expect, logprob_dtype=scfg.cache_logprob_dtype)
     _barrier()
     return teacher_cache.TeacherCache.open(path, expect=expect)
 
