@@ -129,10 +129,7 @@ class _Evaluator:
             for start in range(0, len(blocks), self.batch_size):
                 ids = torch.as_tensor(np.asarray(blocks[start:start + self.batch_size], dtype=np.int64),
                                       device=self.device)
-                with models.autocast(self.device, self.amp):
-                    logits = model(input_ids=ids).logits  # [B, T, V]
-                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-                s_sum += float(-logp.gather(-1, ids[:, 1:, None]).sum())
+                s_sum += _sum_nll(model, ids, self.amp)
                 s_count += ids[:, 1:].numel()
             loss[shard] = s_sum / s_count
             tokens_by_shard[shard] = s_count
@@ -154,6 +151,33 @@ class _Evaluator:
             "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
         }
         return row
+
+
+def _sum_nll(model, ids: torch.Tensor, amp) -> float:
+    """Total next-token NLL of ``ids`` [B, T]. A plain HF model: from its final hidden states, the LM head
+    applied chunk by chunk in fp32 (the [B, T, V] logits never exist at once: a 128k vocabulary stays cheap).
+    An ensemble: from its combined scores."""
+    from downscale import models
+
+    with models.autocast(ids.device, amp):
+        if hasattr(model, "students"):
+            logits = model(input_ids=ids).logits  # [B, T, V] log-probs or logits, by mode
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            return float(-logp.gather(-1, ids[:, 1:, None]).sum())
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    labels = ids[:, 1:].reshape(-1)
+    head = model.get_output_embeddings().weight
+    total = 0.0
+    for c in range(0, len(labels), _chunk(head.shape[0], 1)):
+        z = h[c:c + _chunk(head.shape[0], 1)].float() @ head.float().T  # [C, V]
+        total += float(torch.nn.functional.cross_entropy(z, labels[c:c + len(z)], reduction="sum"))
+    return total
+
+
+def _chunk(vocab: int, n_models: int, budget_bytes: int = 512 * 2**20) -> int:
+    """Tokens per chunk so that n_models x [chunk, vocab] fp32 scores fit ``budget_bytes``."""
+    return max(16, budget_bytes // (4 * vocab * max(1, n_models)))
 
 
 def _configs(model) -> list[Any]:
@@ -232,22 +256,26 @@ def ensemble_size_curve(students: list, test: dict[str, np.ndarray], ecfg: Any, 
     for blocks in test.values():
         for start in range(0, len(blocks), ecfg.batch_size):
             ids = torch.as_tensor(np.asarray(blocks[start:start + ecfg.batch_size], dtype=np.int64), device=device)
-            labels = ids[:, 1:].reshape(-1)
-            logits = []
-            for s in students:
+            all_labels = ids[:, 1:].reshape(-1)
+            hidden = []
+            for s in students:  # final hidden states [N, H] of every student; logits are made per chunk
                 with models.autocast(device, amp):
-                    z = s(input_ids=ids).logits[:, :-1]
-                logits.append(z.reshape(-1, z.shape[-1]).float())  # [N, V]
-            z = torch.stack(logits)  # [n, N, V]
-            logp = torch.log_softmax(z, dim=-1)
-            for j, sub in enumerate(subsets):
-                idx = list(sub)
-                mean_logits = z[idx].mean(0)
-                nll = -(torch.log_softmax(mean_logits, -1).gather(-1, labels[:, None]))
-                sums["logit_mean"][j] += float(nll.sum())
-                mix = torch.logsumexp(logp[idx], dim=0) - math.log(len(idx))
-                sums["prob_mean"][j] += float(-mix.gather(-1, labels[:, None]).sum())
-            count += labels.numel()
+                    h = s.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]
+                hidden.append(h.reshape(-1, h.shape[-1]))
+            heads = [s.get_output_embeddings().weight.float() for s in students]
+            step = _chunk(heads[0].shape[0], n)
+            for c in range(0, len(all_labels), step):
+                labels = all_labels[c:c + step]
+                z = torch.stack([h[c:c + step].float() @ w.T for h, w in zip(hidden, heads, strict=True)])  # [n,C,V]
+                logp = torch.log_softmax(z, dim=-1)
+                for j, sub in enumerate(subsets):
+                    idx = list(sub)
+                    mean_logits = z[idx].mean(0)
+                    nll = -(torch.log_softmax(mean_logits, -1).gather(-1, labels[:, None]))
+                    sums["logit_mean"][j] += float(nll.sum())
+                    mix = torch.logsumexp(logp[idx], dim=0) - math.log(len(idx))
+                    sums["prob_mean"][j] += float(-mix.gather(-1, labels[:, None]).sum())
+            count += all_labels.numel()
     curve = {}
     for mode in CURVE_MODES:
         points = []
