@@ -56,8 +56,8 @@ def test_student_improves_on_its_shard_and_every_parameter_changes(tmp_path) -> 
     before, after = summary["before"][shard], summary["after"][shard]
     assert after["kl"] < before["kl"], (before, after)
     assert after["ce"] < before["ce"], (before, after)
-    assert summary["trainable_params"] > 0
-    assert summary["trainable_params_changed"] == summary["trainable_params"]
+    assert summary["trainable_tensors"] > 0 and summary["trainable_params"] == summary["params"]
+    assert summary["trainable_tensors_changed"] == summary["trainable_tensors"]
     assert summary["steps"] == 12 and summary["tokens"] == 12 * 4 * 32
     assert summary["rank_weight_digests"] and len(summary["rank_weight_digests"]) == 1
     # a plain HF folder, loadable without us, with the tokenizer and the metrics
@@ -117,7 +117,8 @@ def test_cached_teacher_lora_and_replay(tmp_path) -> None:
     summary = json.loads((cfg.run_dir / "specialized" / "2" / "train_summary.json").read_text())
     shard = summary["shard"]
     assert summary["after"][shard]["kl"] < summary["before"][shard]["kl"]
-    assert summary["trainable_params_changed"] == summary["trainable_params"] > 0
+    assert summary["trainable_tensors_changed"] == summary["trainable_tensors"] > 0
+    assert 0 < summary["trainable_params"] < summary["params"]  # LoRA adapters only
     # LoRA merged: the output has exactly the pruned student's tensor names, and the weights moved
     pruned, merged = _weights(cfg.run_dir / "students" / "2"), _weights(cfg.run_dir / "specialized" / "2")
     assert pruned.keys() == merged.keys()
