@@ -148,3 +148,20 @@ def test_base_stage_pretrains_saves_and_reloads(tmp_path) -> None:
     other = cfg.model_copy(deep=True)
     other.base.train.lr = 1e-4
     assert pipeline.stage_status(other, pipeline.get_stage("base")) == ("stale", "config changed")
+
+
+def test_tensorboard_tracker_receives_the_metrics(tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = fake_data_run(tmp_path)
+    cfg.base.train.report_to = "tensorboard"
+    pipeline.run_stage(cfg, "base", log=lambda m: None)
+    events = list((cfg.run_dir / "work" / "base").rglob("events.out.tfevents.*"))
+    assert events, "no tensorboard event file"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "loss" in tags, tags
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 7))
+    assert "val/loss/code" in tags and "val/loss/pooled" in tags, tags  # validation per shard

@@ -379,7 +379,8 @@ class _null:
 
 
 def make_accelerator(device: torch.device, amp_dtype: torch.dtype | None, report_to: str = "none",
-                     project_dir: Path | None = None):
+                     project_dir: Path | None = None, run_name: str | None = None,
+                     tracker_config: dict | None = None):
     """An ``accelerate.Accelerator`` for ``device`` and autocast dtype; under ``accelerate launch`` the
     distributed set-up (DDP / FSDP) comes from the launcher's environment."""
     from accelerate import Accelerator
@@ -394,7 +395,11 @@ def make_accelerator(device: torch.device, amp_dtype: torch.dtype | None, report
     kwargs: dict[str, Any] = {"mixed_precision": mp, "cpu": device.type == "cpu"}
     if report_to != "none":
         kwargs.update(log_with=report_to, project_dir=str(project_dir) if project_dir else None)
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    if report_to != "none":
+        # tensorboard: event files under <project_dir>/<run_name>/; wandb: a run of that name
+        accelerator.init_trackers(run_name or "downscale", config=tracker_config)
+    return accelerator
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -77,9 +77,8 @@ def _pretrain(ctx: StageContext, meta: dict, device, amp) -> tuple[Any, dict]:
                                bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, seed=cfg.run.seed)
     model.config.use_cache = False
     work = ctx.work_dir()
-    accelerator = train.make_accelerator(device, amp, tcfg.report_to, project_dir=work)
-    if tcfg.report_to != "none":
-        accelerator.init_trackers(f"{cfg.run.name}-base", config=cfg.model_dump(mode="json")["base"])
+    accelerator = train.make_accelerator(device, amp, tcfg.report_to, project_dir=work, run_name=f"{cfg.run.name}-base",
+                                         tracker_config=_flat(cfg.model_dump(mode="json")["base"]))
     shards = meta["shards"]
     sources = [open_split(ctx.run_dir, s, "train") for s in shards]
     sampler = train.BlockSampler(sources, tcfg.batch_size * tcfg.grad_accum * accelerator.num_processes,
@@ -199,3 +198,16 @@ def _log_table(ctx: StageContext, summary: dict) -> None:
 
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """A nested config as flat ``a.b: value`` pairs of scalars (what experiment trackers accept)."""
+    out: dict = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif value is None or isinstance(value, bool | int | float | str):
+            out[f"{prefix}{key}"] = value
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
