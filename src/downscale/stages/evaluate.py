@@ -96,6 +96,7 @@ def run(ctx: StageContext) -> dict:
     report.write_report(results, out)
     ctx.log("\n" + report.main_table(results))
     ctx.log(report.verdict(results))
+    ctx.log(f"[evaluate] report: {run_dir / 'eval' / 'report.md'} (results.json and plots beside it)")
     return {"pooled_loss": {r["name"]: r["loss"]["pooled"] for r in rows}, "verdict": results["verdict"]}
 
 
