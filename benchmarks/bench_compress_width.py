@@ -159,8 +159,9 @@ def child_ours(args: argparse.Namespace) -> dict:
     direct_s = clock() - t
     direct_digest = digest(direct)
     del direct
-    torch.save({"hidden": keep.hidden, "layers": keep.layers, "mlp": keep.mlp, "kv": keep.kv, "heads": keep.heads,
-                "shape": final.as_dict()}, Path(args.keep_file))
+    Path(args.keep_file).write_text(json.dumps(_plain({"hidden": keep.hidden, "layers": keep.layers,
+                                                       "mlp": keep.mlp, "kv": keep.kv, "heads": keep.heads,
+                                                       "shape": final.as_dict()})))
     log(f"[ours] one cut base -> final shape: {direct_s:.2f}s")
 
     rounds, model = [], base
@@ -229,7 +230,7 @@ def child_tp(args: argparse.Namespace) -> dict:
 
     if args.device == "cpu":
         models.tune_cpu_allocator()
-    keep = torch.load(args.keep_file, weights_only=True)
+    keep = json.loads(Path(args.keep_file).read_text())  # JSON, no pickle
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     base = build_base(args)
     mem_base = mem_mb()
@@ -307,6 +308,19 @@ def run_child(kind: str, args: argparse.Namespace, keep_file: str) -> dict | Non
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _plain(x):
+    """Tensors and nested containers as JSON-ready lists and numbers."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of the base (LLaMA-3-8B has 32)")
@@ -341,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_all = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_compress_width_") as tmp:
-        keep_file = str(Path(tmp) / "keep.pt")
+        keep_file = str(Path(tmp) / "keep.json")
         ours = run_child("ours", args, keep_file)
         if ours is None:
             return 1

@@ -186,13 +186,17 @@ def calibration_scores(model, blocks: np.ndarray, method: str, batch_size: int, 
             x = torch.as_tensor(np.asarray(blocks[start:start + batch_size], dtype=np.int64), device=device)
             tokens += x.numel()
             if taylor is None:
+                # the decoder only: the LM head's [B, T, V] logits are not needed for any score
                 with torch.no_grad(), autocast(device, amp):
-                    model(input_ids=x, use_cache=False)
+                    model.get_decoder()(input_ids=x, use_cache=False)
             else:
+                # next-token CE from the final hidden states, the head applied chunk by chunk (fused)
+                from downscale.kd import distill_loss
+
                 with autocast(device, amp):
-                    logits = model(input_ids=x, use_cache=False).logits  # [B, T, V]
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
-                del logits
+                    hidden = model.get_decoder()(input_ids=x, use_cache=False).last_hidden_state
+                    loss, _ = distill_loss(hidden[:, :-1].flatten(0, 1), model.get_output_embeddings().weight,
+                                           x[:, 1:].flatten(), None, kd_ratio=0.0)
                 loss.backward()
     finally:
         hooks.remove()
