@@ -144,7 +144,16 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
         i, j = STAGE_NAMES.index(args.start), STAGE_NAMES.index(args.stop)
         if i > j:
             return _fail(f"--from {args.start} comes after --to {args.stop}")
-        pipeline.run_all(cfg, STAGE_NAMES[i:j + 1], force=args.force)
+        before = pipeline.load_manifest(cfg.run_dir)["stages"].get("evaluate", {}).get("ended")
+        entries = pipeline.run_all(cfg, STAGE_NAMES[i:j + 1], force=args.force)
+        results = cfg.run_dir / "eval" / "results.json"
+        if "evaluate" in entries and entries["evaluate"].get("ended") == before and results.exists():
+            # evaluate was skipped as complete: show its table anyway (a fresh evaluate prints it itself)
+            from downscale import report
+
+            res = json.loads(results.read_text())
+            print(report.main_table(res) + "\n" + report.verdict(res), file=sys.stderr)
+            print(f"report: {cfg.run_dir / 'eval' / 'report.md'}", file=sys.stderr)
         return 0
     kwargs = {}
     if args.command == "specialize" and args.student is not None:
