@@ -114,10 +114,7 @@ def specialize_step(args, base_cfg, student_cfg, device) -> dict:
     if peak:
         out["peak_tflops"] = peak / 1e12
         out["mfu"] = cost.mfu(tokens_per_s, flops, peak)
-    del teacher, student, wrapper, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
+    return out  # the models go with this frame; the caller empties the CUDA cache
 
 
 def generation(args, base_cfg, student_cfg, device) -> dict:
@@ -191,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"device": where, "small": small}
     if not args.skip_specialize:
         r = specialize_step(args, base_cfg, student_cfg, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         results["specialize"] = r
         mfu = f"{r['mfu']:.1%} of {r['peak_tflops']:.0f} TFLOP/s (goal >= 35%)" if "mfu" in r else "n/a (no peak)"
         print(f"specialize step: {r['tokens_per_s']:,.0f} tokens/s ({r['seconds_per_step']:.3f} s/step, batch "
@@ -200,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_generation:
         g = generation(args, base_cfg, student_cfg, device)
         results["generation"] = g
-        print(f"generation ({args.students} students, fast path {'on' if g['fast_path'] else 'off: ' + str(g['fallback_reason'])}):")
+        how = "on" if g["fast_path"] else f"off: {g['fallback_reason']}"
+        print(f"generation ({args.students} students, fast path {how}):")
         by = {(row["model"], row["batch"]): row for row in g["rows"]}
         for row in g["rows"]:
             ratio = row["tokens_per_s"] / by[("base", row["batch"])]["tokens_per_s"]
