@@ -125,3 +125,12 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "bogus" in lines[0] and str(path) in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_config_reference_doc_is_current() -> None:
+    """docs/CONFIG.md matches the schema (regenerate with: python scripts/config_reference.py)."""
+    from downscale.config import config_reference_markdown
+
+    doc = (ROOT / "docs" / "CONFIG.md").read_text()
+    assert doc == config_reference_markdown(), "docs/CONFIG.md is stale: run python scripts/config_reference.py"
+    assert "`specialize.kd_ratio`" in doc and "`data.sources[].kind`" in doc

@@ -571,11 +571,35 @@ def config_field_docs() -> list[tuple[str, str, str, str]]:
             if sub is not None:
                 walk(sub, f"{prefix}{name}.")
                 continue
+            args = getattr(ann, "__args__", ())
+            if getattr(ann, "__origin__", None) is list and args and isinstance(args[0], type) \
+                    and issubclass(args[0], BaseModel):
+                rows.append((prefix + name, f"list of {args[0].__name__.removesuffix('Config').lower()} entries",
+                             "required" if field.is_required() else "[]", field.description or ""))
+                walk(args[0], f"{prefix}{name}[].")
+                continue
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             rows.append((prefix + name, _type_name(ann), default, field.description or ""))
 
     walk(ExperimentConfig, "")
     return rows
+
+
+def config_reference_markdown() -> str:
+    """docs/CONFIG.md: every config key with its type, default and description, one table per section."""
+    lines = ["# Config reference", "",
+             "Every key of an experiment YAML, generated from the schema in `src/downscale/config.py` "
+             "(`python scripts/config_reference.py` rewrites this file; a test checks it is current). "
+             "Keys are dotted paths; on the command line, `key.path=value` overrides the YAML.", ""]
+    section = None
+    for key, typ, default, desc in config_field_docs():
+        top = key.split(".")[0]
+        if top != section:
+            section = top
+            lines += ["", f"## {top}", "", "| key | type | default | description |", "|---|---|---|---|"]
+        cell = lambda x: x.replace("|", "\\|")  # noqa: E731
+        lines.append(f"| `{key}` | {cell(typ)} | `{cell(default)}` | {cell(desc)} |")
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
 
 
 def _type_name(ann: Any) -> str:
