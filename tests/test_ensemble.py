@@ -346,3 +346,19 @@ def test_wrapped_linear_layers_fall_back_to_sequential():
     assert not ens.uses_fast_path and "down_proj" in ens.fallback_reason
     ids = _ids()
     torch.testing.assert_close(ens(ids).logits, _student_logits(students, ids).mean(0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+def test_sum_nll_equals_the_nll_of_forward_chunk_by_chunk(mode, fast):
+    """sum_nll (evaluation without the [B, T, V] scores) equals the NLL of forward's scores, also when the
+    combination runs in many small chunks."""
+    students = _students()
+    ids = _ids(B=2, T=20)
+    ens = _ens(students, mode, fast=fast)
+    logp = torch.log_softmax(ens(ids).logits[:, :-1].float(), -1)
+    ref = float(-logp.gather(-1, ids[:, 1:, None]).sum())
+    small = _ens(students, mode, fast=fast, chunk_bytes=4 * 3 * 2 * V * 3)  # 3 positions per chunk
+    total, count = small.sum_nll(ids)
+    assert count == 2 * 19
+    assert total == pytest.approx(ref, rel=1e-5)

@@ -297,64 +297,92 @@ class EnsembleModel(torch.nn.Module):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=new_cache)
 
     def _forward(self, input_ids, attention_mask, cache, use_cache, logits_to_keep):
-        input_ids = input_ids.to(self.device)
         B, q = input_ids.shape
-        ids, mask, positions, padded = self._prepare(input_ids, attention_mask, cache)
-        past = ids.shape[1] - q
-        mode = self.mode
-        bayes = mode == "routed" and self.router == "bayes"
         keep_from = max(0, q - logits_to_keep) if logits_to_keep else 0
-        new_cache = None
-        if use_cache:
-            new_cache = EnsembleCache(None, None, ids, mask, positions)
-        log_w = None
-        if mode == "routed" and self.router == "cluster":
-            log_w = self._router().log_weights(ids, mask, positions, start=past)  # [n, B, q]
-        elif mode == "weighted":
-            log_w = torch.tensor(self.weights, device=ids.device).log()[:, None, None].expand(self.n, B, q)
-        if bayes:
-            log_prior = torch.tensor(self.prior or [1.0 / self.n] * self.n, dtype=torch.float64).log().to(ids.device)
-            limit = math.inf if self.router_prefix is None else self.router_prefix - 1
-            new_pos = positions[:, past:]
-            valid = (mask[:, past:] == 1) & (new_pos >= 1) & (new_pos <= limit)  # [B, q]: token counts as evidence
-            evidence = cache.evidence if cache is not None and cache.evidence is not None else \
-                torch.zeros(self.n, B, dtype=torch.float64, device=ids.device)
-            pending = cache.pending if cache is not None else None
         out = None
-        chunks = self._score_chunks(ids, mask, positions, padded, q, cache, new_cache, 0 if bayes else keep_from,
-                                    want_mean=mode == "logit_mean")
-        for t0, t1, z, is_mean in chunks:
-            z = z.float()
-            if mode == "logit_mean":
-                combined = z[0] if is_mean else z.mean(0)
-            elif mode == "prob_mean":
-                combined, _ = routing.mixture_from_logits(z)
-            elif bayes:
-                lse = torch.logsumexp(z, dim=-1)  # [n, B, c]
-                tgt = input_ids[:, t0:t1]
-                first = pending.gather(-1, tgt[None, :, :1].expand(self.n, B, 1)) if pending is not None \
-                    else torch.zeros(self.n, B, 1, device=z.device)
-                inner = z[:, :, :-1].gather(-1, tgt[None, :, 1:, None].expand(self.n, B, -1, 1)).squeeze(-1)
-                inner = inner - lse[:, :, :-1]  # log p_i(x_{t+1} | x_<=t)
-                scores = torch.cat([first, inner], dim=-1).double()  # [n, B, c]
-                scores = torch.where(valid[None, :, t0:t1], scores, torch.zeros_like(scores))
-                cum = evidence[..., None] + scores.cumsum(-1)  # [n, B, c]
-                evidence, pending = cum[..., -1], z[:, :, -1] - lse[:, :, -1, None]
-                lw = routing.bayes_log_weights(cum, log_prior, self.router_temperature, self.top_k).float()
-                combined, _ = routing.mixture_from_logits(z, lw, lse)
-                if self._capture is not None:
-                    self._capture.append(lw)
-            else:
-                combined, _ = routing.mixture_from_logits(z, log_w[:, :, t0:t1])
+        chunks, new_cache = self._combined_chunks(input_ids, attention_mask, cache, use_cache, keep_from)
+        for t0, t1, combined in chunks:
             if t1 <= keep_from:
                 continue
             if out is None:
                 out = combined.new_empty(B, q - keep_from, combined.shape[-1])
             lo = max(t0, keep_from)
             out[:, lo - keep_from:t1 - keep_from] = combined[:, lo - t0:]
-        if bayes and new_cache is not None:
-            new_cache.evidence, new_cache.pending = evidence, pending
         return out, new_cache
+
+    @torch.no_grad()
+    def sum_nll(self, input_ids: torch.Tensor) -> tuple[float, int]:
+        """Total next-token NLL of ``input_ids`` [B, T] (unpadded) under the combined model, and the number of
+        tokens predicted, computed chunk by chunk: the [B, T, V] scores never exist at once (what evaluation
+        needs at a 128k vocabulary)."""
+        input_ids = input_ids.to(self.device)
+        total, count = 0.0, 0
+        chunks, _ = self._combined_chunks(input_ids, None, None, False, 0)
+        for t0, t1, combined in chunks:
+            stop = min(t1, input_ids.shape[1] - 1)  # position t predicts token t + 1
+            if stop <= t0:
+                continue
+            logp = torch.log_softmax(combined[:, :stop - t0].float(), dim=-1)
+            total += float(-logp.gather(-1, input_ids[:, t0 + 1:stop + 1, None]).sum())
+            count += input_ids.shape[0] * (stop - t0)
+        return total, count
+
+    def _combined_chunks(self, input_ids, attention_mask, cache, use_cache, keep_from):
+        """(chunk generator of (t0, t1, combined scores [B, t1 - t0, V]), the new cache, filled as the
+        generator runs)."""
+        input_ids = input_ids.to(self.device)
+        B, q = input_ids.shape
+        ids, mask, positions, padded = self._prepare(input_ids, attention_mask, cache)
+        past = ids.shape[1] - q
+        mode = self.mode
+        bayes = mode == "routed" and self.router == "bayes"
+        new_cache = EnsembleCache(None, None, ids, mask, positions) if use_cache else None
+
+        def gen():
+            log_w = None
+            if mode == "routed" and self.router == "cluster":
+                log_w = self._router().log_weights(ids, mask, positions, start=past)  # [n, B, q]
+            elif mode == "weighted":
+                log_w = torch.tensor(self.weights, device=ids.device).log()[:, None, None].expand(self.n, B, q)
+            if bayes:
+                log_prior = torch.tensor(self.prior or [1.0 / self.n] * self.n,
+                                         dtype=torch.float64).log().to(ids.device)
+                limit = math.inf if self.router_prefix is None else self.router_prefix - 1
+                new_pos = positions[:, past:]
+                valid = (mask[:, past:] == 1) & (new_pos >= 1) & (new_pos <= limit)  # [B, q]: token is evidence
+                evidence = cache.evidence if cache is not None and cache.evidence is not None else \
+                    torch.zeros(self.n, B, dtype=torch.float64, device=ids.device)
+                pending = cache.pending if cache is not None else None
+            chunks = self._score_chunks(ids, mask, positions, padded, q, cache, new_cache, 0 if bayes else keep_from,
+                                        want_mean=mode == "logit_mean")
+            for t0, t1, z, is_mean in chunks:
+                z = z.float()
+                if mode == "logit_mean":
+                    combined = z[0] if is_mean else z.mean(0)
+                elif mode == "prob_mean":
+                    combined, _ = routing.mixture_from_logits(z)
+                elif bayes:
+                    lse = torch.logsumexp(z, dim=-1)  # [n, B, c]
+                    tgt = input_ids[:, t0:t1]
+                    first = pending.gather(-1, tgt[None, :, :1].expand(self.n, B, 1)) if pending is not None \
+                        else torch.zeros(self.n, B, 1, device=z.device)
+                    inner = z[:, :, :-1].gather(-1, tgt[None, :, 1:, None].expand(self.n, B, -1, 1)).squeeze(-1)
+                    inner = inner - lse[:, :, :-1]  # log p_i(x_{t+1} | x_<=t)
+                    scores = torch.cat([first, inner], dim=-1).double()  # [n, B, c]
+                    scores = torch.where(valid[None, :, t0:t1], scores, torch.zeros_like(scores))
+                    cum = evidence[..., None] + scores.cumsum(-1)  # [n, B, c]
+                    evidence, pending = cum[..., -1], z[:, :, -1] - lse[:, :, -1, None]
+                    lw = routing.bayes_log_weights(cum, log_prior, self.router_temperature, self.top_k).float()
+                    combined, _ = routing.mixture_from_logits(z, lw, lse)
+                    if self._capture is not None:
+                        self._capture.append(lw)
+                else:
+                    combined, _ = routing.mixture_from_logits(z, log_w[:, :, t0:t1])
+                yield t0, t1, combined
+            if bayes and new_cache is not None:
+                new_cache.evidence, new_cache.pending = evidence, pending
+
+        return gen(), new_cache
 
     @torch.no_grad()
     def router_weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -155,16 +155,14 @@ class _Evaluator:
 
 
 def _sum_nll(model, ids: torch.Tensor, amp) -> float:
-    """Total next-token NLL of ``ids`` [B, T]. A plain HF model: from its final hidden states, the LM head
-    applied chunk by chunk in fp32 (the [B, T, V] logits never exist at once: a 128k vocabulary stays cheap).
-    An ensemble: from its combined scores."""
+    """Total next-token NLL of ``ids`` [B, T], never holding the [B, T, V] scores at once (a 128k vocabulary
+    stays cheap). A plain HF model: its LM head applied chunk by chunk in fp32 to the final hidden states. An
+    ensemble: ``EnsembleModel.sum_nll`` over its combination's chunks."""
     from downscale import models
 
     with models.autocast(ids.device, amp):
-        if hasattr(model, "students"):
-            logits = model(input_ids=ids).logits  # [B, T, V] log-probs or logits, by mode
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            return float(-logp.gather(-1, ids[:, 1:, None]).sum())
+        if hasattr(model, "sum_nll"):  # the ensemble: its combination is consumed chunk by chunk
+            return model.sum_nll(ids)[0]
         hidden = model.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     labels = ids[:, 1:].reshape(-1)
