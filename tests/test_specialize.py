@@ -259,3 +259,26 @@ def test_quantized_online_teacher(tmp_path, quant) -> None:
     summary = json.loads((cfg.run_dir / "specialized" / "0" / "train_summary.json").read_text())
     assert summary["kd"]["teacher_quant"] == quant and summary["steps"] == 3
     assert math.isfinite(summary["after"][summary["shard"]]["kl"])
+
+
+def test_cache_only_pass_builds_what_training_then_reuses(tmp_path) -> None:
+    """`downscale specialize CONFIG --cache-only` builds every shard's teacher cache (the parallel cache pass);
+    training afterwards opens them instead of building again."""
+    from downscale import cli
+
+    spec = {**SPECIALIZE, "teacher": "cache", "cache_top_k": 8, "train": {**SPECIALIZE["train"], "max_steps": 2}}
+    cfg = _pruned_run(tmp_path, specialize=spec)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(cfg.to_yaml())
+    assert cli.main(["specialize", str(cfg_file), "--cache-only"]) == 0
+    root = cfg.run_dir / "work" / "teacher_cache"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["code", "legal", "prose"]
+    stamp = {p: p.stat().st_mtime_ns for p in root.rglob("*.npy")}
+    logs: list[str] = []
+    pipeline.run_stage(cfg, "specialize", part=1, log=logs.append)
+    assert not any("building the teacher cache" in m for m in logs), logs
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.npy")} == stamp
+    assert not (cfg.run_dir / "specialized" / "0").exists()  # the cache pass trains nothing
+    # online teacher: --cache-only is a clear error
+    cfg_file.write_text(cfg.to_yaml().replace("teacher: cache", "teacher: online"))
+    assert cli.main(["specialize", str(cfg_file), "--cache-only"]) == 2

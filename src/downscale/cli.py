@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="with --plan: print JSON")
         if name == "specialize":
             p.add_argument("--student", type=int, default=None, help="train only student i (parallel jobs)")
+            p.add_argument("--cache-only", action="store_true",
+                           help="with specialize.teacher=cache: only build the teacher caches (of student i's "
+                                "shards with --student, else of every shard) and exit")
 
     p = sub.add_parser("run", help="run every stage in order, skipping complete ones",
                        description="Run the stages in order. A stage that is complete with the same config and "
@@ -164,6 +167,11 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
             res = json.loads(results.read_text())
             print(report.main_table(res) + "\n" + report.verdict(res), file=sys.stderr)
             print(f"report: {cfg.run_dir / 'eval' / 'report.md'}", file=sys.stderr)
+        return 0
+    if args.command == "specialize" and args.cache_only:
+        from downscale.stages.specialize import build_caches
+
+        build_caches(cfg, args.student)
         return 0
     kwargs = {}
     if args.command == "specialize" and args.student is not None:

@@ -238,6 +238,44 @@ class DistillStudent(torch.nn.Module):
                                chunk_tokens=s.kd_chunk_tokens)
 
 
+# --------------------------------------------------------------------------- teacher-cache pass
+
+
+def build_caches(cfg: Any, student: int | None = None, log=None) -> list[str]:
+    """``downscale specialize CONFIG --cache-only [--student i]``: build (or check) the teacher caches that
+    student i needs (its shard, plus the other shards with replay), or those of every shard, then exit. Run it
+    as one job per shard / student in parallel (each loads the base once); training later finds them built."""
+    import sys
+
+    from downscale import models
+    from downscale.data.blocks import shard_names
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    scfg = cfg.specialize
+    if scfg.teacher != "cache":
+        raise StageError(f"{cfg._source}: specialize.teacher: --cache-only needs 'cache', the config has "
+                         f"{scfg.teacher!r}")
+    run_dir = cfg.run_dir
+    shards = shard_names(run_dir)
+    if student is not None and not 0 <= student < len(shards):
+        raise StageError(f"{cfg._source}: --student: expected a student index 0..{len(shards) - 1}, got {student}")
+    if student is None:
+        wanted = list(shards)
+    else:
+        wanted = [shards[student]] + ([s for s in shards if s != shards[student]] if scfg.replay_fraction > 0 else [])
+    models.quiet_transformers()
+    models.configure_threads(cfg.run.threads)
+    device = models.resolve_device(cfg.run.device)
+    amp = models.autocast_dtype(cfg.run.precision, device)
+    teacher = load_teacher(run_dir / "base", scfg, device, amp)
+    ctx = StageContext(cfg=cfg, run_dir=run_dir, staging=run_dir / ".staging" / "cache", stage=STAGE, log=log)
+    for shard in wanted:
+        cache = ensure_teacher_cache(ctx, shard, teacher, device, amp)
+        log(f"[specialize] teacher cache of shard {shard}: {cache.n_blocks} blocks x {cache.block_size} positions, "
+            f"top-{cache.top_k}, in {cache.path}")
+    return wanted
+
+
 # --------------------------------------------------------------------------- compress recovery
 
 
