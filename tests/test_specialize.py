@@ -282,3 +282,21 @@ def test_cache_only_pass_builds_what_training_then_reuses(tmp_path) -> None:
     # online teacher: --cache-only is a clear error
     cfg_file.write_text(cfg.to_yaml().replace("teacher: cache", "teacher: online"))
     assert cli.main(["specialize", str(cfg_file), "--cache-only"]) == 2
+
+
+def test_tensorboard_tracker_of_a_student(tmp_path) -> None:
+    """specialize.train.report_to: tensorboard gives each student a named run with its training metrics."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spec = {**SPECIALIZE, "train": {**SPECIALIZE["train"], "max_steps": 4, "report_to": "tensorboard"}}
+    cfg = _pruned_run(tmp_path, specialize=spec)
+    pipeline.run_stage(cfg, "specialize", part=0, log=lambda m: None)
+    run = cfg.run_dir / "work" / "specialize" / "student-0" / f"{cfg.run.name}-student-0"
+    events = list(run.rglob("events.out.tfevents.*"))
+    assert events, f"no tensorboard event file under {run}"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert [e.step for e in acc.Scalars("loss")] == [2, 4], tags
+    assert "kd" in tags and "ce" in tags, tags

@@ -131,14 +131,7 @@ def file_lock(path: Path):
 @contextlib.contextmanager
 def _manifest_lock(run_dir: Path):
     """An exclusive lock around read-modify-write of the manifest (parallel student jobs share it)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".manifest.lock", "w") as fh:
-        try:
-            import fcntl
-
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except ImportError:  # not POSIX: no locking
-            pass
+    with file_lock(run_dir / ".manifest.lock"):
         yield
 
 

@@ -398,8 +398,21 @@ def make_accelerator(device: torch.device, amp_dtype: torch.dtype | None, report
     accelerator = Accelerator(**kwargs)
     if report_to != "none":
         # tensorboard: event files under <project_dir>/<run_name>/; wandb: a run of that name
-        accelerator.init_trackers(run_name or "downscale", config=tracker_config)
+        accelerator.init_trackers(run_name or "downscale", config=_flat(tracker_config or {}))
     return accelerator
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """A nested config as flat ``a.b: value`` pairs of scalars (what experiment trackers accept)."""
+    out: dict = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif value is None or isinstance(value, bool | int | float | str):
+            out[f"{prefix}{key}"] = value
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

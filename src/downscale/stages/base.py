@@ -16,7 +16,7 @@ from typing import Any
 
 from downscale._io import read_json
 from downscale.data.blocks import data_meta, open_split
-from downscale.pipeline import StageContext, StageError
+from downscale.pipeline import StageContext, StageError, is_main_process
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 FILE_PATTERNS = ("config.json", "generation_config.json", *WEIGHT_PATTERNS, "tokenizer*", "special_tokens_map.json",
@@ -46,7 +46,7 @@ def run(ctx: StageContext) -> dict:
     summary["params"] = models.count_params(model)
     summary["model_type"] = model.config.model_type
     _log_table(ctx, summary)
-    if _is_main():
+    if is_main_process():
         out = ctx.output("base")
         if cfg.base.name_or_path:
             from downscale._io import write_json_atomic
@@ -78,7 +78,7 @@ def _pretrain(ctx: StageContext, meta: dict, device, amp) -> tuple[Any, dict]:
     model.config.use_cache = False
     work = ctx.work_dir()
     accelerator = train.make_accelerator(device, amp, tcfg.report_to, project_dir=work, run_name=f"{cfg.run.name}-base",
-                                         tracker_config=_flat(cfg.model_dump(mode="json")["base"]))
+                                         tracker_config=cfg.model_dump(mode="json")["base"])
     shards = meta["shards"]
     sources = [open_split(ctx.run_dir, s, "train") for s in shards]
     sampler = train.BlockSampler(sources, tcfg.batch_size * tcfg.grad_accum * accelerator.num_processes,
@@ -195,19 +195,3 @@ def _log_table(ctx: StageContext, summary: dict) -> None:
         extra = f"   unigram entropy {ent:.3f}" if isinstance(ent, float) else ""
         ctx.log(f"  {shard:<12} {loss:.3f}{extra}")
 
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """A nested config as flat ``a.b: value`` pairs of scalars (what experiment trackers accept)."""
-    out: dict = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        elif value is None or isinstance(value, bool | int | float | str):
-            out[f"{prefix}{key}"] = value
-        else:
-            out[f"{prefix}{key}"] = str(value)
-    return out

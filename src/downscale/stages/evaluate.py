@@ -166,12 +166,11 @@ def _sum_nll(model, ids: torch.Tensor, amp) -> float:
         hidden = model.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     labels = ids[:, 1:].reshape(-1)
-    head = model.get_output_embeddings().weight
-    total = 0.0
-    for c in range(0, len(labels), _chunk(head.shape[0], 1)):
-        z = h[c:c + _chunk(head.shape[0], 1)].float() @ head.float().T  # [C, V]
-        total += float(torch.nn.functional.cross_entropy(z, labels[c:c + len(z)], reduction="sum"))
-    return total
+    head = model.get_output_embeddings().weight.float()
+    step = _chunk(head.shape[0], 1)
+    return sum(float(torch.nn.functional.cross_entropy(h[c:c + step].float() @ head.T, labels[c:c + step],
+                                                       reduction="sum"))
+               for c in range(0, len(labels), step))
 
 
 def _chunk(vocab: int, n_models: int, budget_bytes: int = 512 * 2**20) -> int:

@@ -27,7 +27,6 @@ from downscale import pipeline
 from downscale._io import read_json, replace_dir
 from downscale.data.blocks import open_split, shard_names
 from downscale.pipeline import StageContext, StageError
-from downscale.stages.base import _flat
 
 STAGE = "specialize"
 
@@ -131,7 +130,7 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
     trainable = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
     accelerator = train.make_accelerator(device, amp, tcfg.report_to, project_dir=ctx.work_dir(f"student-{i}"),
                                          run_name=f"{cfg.run.name}-student-{i}",
-                                         tracker_config=_flat(cfg.model_dump(mode="json")["specialize"]))
+                                         tracker_config=cfg.model_dump(mode="json")["specialize"])
     sources, fractions = [open_split(run_dir, shard, "train")], None
     others = [s for s in shards if s != shard]
     if scfg.replay_fraction > 0 and others:
