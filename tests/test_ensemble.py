@@ -362,3 +362,30 @@ def test_sum_nll_equals_the_nll_of_forward_chunk_by_chunk(mode, fast):
     total, count = small.sum_nll(ids)
     assert count == 2 * 19
     assert total == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["logit_mean", "prob_mean"])
+def test_sequential_path_applies_each_head_chunk_by_chunk(mode, monkeypatch):
+    """Students of different shapes (no fast path) never produce their full [B, T, V] logits: each output head
+    sees at most one chunk of positions; a student whose head cannot be split off runs whole; the scores
+    equal each student's own logits combined."""
+    import downscale.ensemble as ensemble_mod
+
+    students = _students(n=2) + [tiny_model("llama", seed=99, vocab_size=V, hidden=48)]
+    ids = _ids(B=2, T=20)
+    ref_z = _student_logits(students, ids)  # [n, B, T, V]
+    ref = ref_z.mean(0) if mode == "logit_mean" else torch.logsumexp(torch.log_softmax(ref_z, -1), 0) - math.log(3)
+    seen: list[int] = []
+    for s in students:
+        s.lm_head.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    ens = _ens(students, mode, chunk_bytes=4 * 3 * 2 * V * 3)  # 3 positions per chunk (x n for logit_mean)
+    assert not ens.uses_fast_path and "hidden_size" in ens.fallback_reason
+    torch.testing.assert_close(ens(ids).logits, ref, atol=2e-5, rtol=0)
+    per_chunk = 9 if mode == "logit_mean" else 3
+    assert seen and max(seen) <= per_chunk and sum(seen) == 3 * 20
+
+    seen.clear()  # the third student's head cannot be split off: it runs whole, the others stay chunked
+    real = ensemble_mod._split_head
+    monkeypatch.setattr(ensemble_mod, "_split_head", lambda s: None if s is students[2] else real(s))
+    torch.testing.assert_close(ens(ids).logits, ref, atol=2e-5, rtol=0)
+    assert sorted(seen)[-1] == 20 and sum(seen) == 3 * 20

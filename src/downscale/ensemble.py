@@ -20,8 +20,9 @@ student (or one stacked cache). With an attention mask, position ids are derived
 
 Fast path: students of one shape run as one stacked, batched computation
 (``downscale.fastpath``); the combination runs over chunks of positions so that the n students'
-[B, T, V] logits are never all held at once. Otherwise the students run one after another. Both
-paths share the combination code and agree to fp32 rounding.
+[B, T, V] logits are never all held at once. Otherwise the students' decoders run one after another
+and their output heads are applied chunk by chunk in the same way. Both paths share the combination
+code and agree to fp32 rounding.
 
 Saved form: ``<run>/ensemble/ensemble.json`` (see ``downscale.ensemble_io``), loaded with
 ``load_ensemble(path, mode=None, device="cpu", dtype=torch.float32)``.
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 
 from downscale import routing
 from downscale.fastpath import StackedKV, StackedStudents, stack_incompatibility
+from downscale.models import SUPPORTED_ARCHS
 from downscale.pipeline import StageError
 
 MODES = ("logit_mean", "prob_mean", "routed", "weighted")
@@ -253,30 +255,45 @@ class EnsembleModel(torch.nn.Module):
                 else:
                     yield t0, t1, stack.logits(hc).view(n, B, t1 - t0, -1), False
             return
-        zs, caches = [], []
+        # Sequential path: each student's decoder runs on its own; the output heads are applied chunk by
+        # chunk, like the fast path's, so the students' [B, T, V] logits never exist at once (at a 128k
+        # vocabulary they would be n x 4 B T V bytes). Students whose head cannot be split off run whole.
+        hs, caches = [], []
         for i, student in enumerate(self.students):
             kwargs: dict[str, Any] = {"input_ids": new_ids, "position_ids": new_pos,
-                                      "attention_mask": mask if padded else None,
-                                      "logits_to_keep": q - keep_from if keep_from else 0}
+                                      "attention_mask": mask if padded else None}
             if new_cache is not None:
                 kwargs.update(use_cache=True, past_key_values=cache.student_caches[i] if cache is not None else None)
             else:
                 kwargs["use_cache"] = False
-            out = student(**kwargs)
-            zs.append(out.logits)  # [B, q - keep_from, V]
+            split = _split_head(student)
+            if split is None:
+                out = student(**kwargs, logits_to_keep=q - keep_from if keep_from else 0)
+                hs.append((None, out.logits))  # [B, q - keep_from, V]
+            else:
+                body, head = split
+                out = body(**kwargs)
+                hs.append((head, out.last_hidden_state[:, keep_from:]))  # [B, q - keep_from, d]
             caches.append(out.past_key_values)
         if new_cache is not None:
             new_cache.student_caches = caches
-        if want_mean:  # accumulate in place: no [n, B, q, V] stack
-            total = zs[0].float().clone()
-            for z in zs[1:]:
-                total += z
-            del zs
-            yield keep_from, q, total.div_(n)[None], True
-            return
+
+        def scores(i: int, t0: int, t1: int) -> torch.Tensor:
+            head, h = hs[i]
+            part = h[:, t0 - keep_from:t1 - keep_from]
+            return part if head is None else head(part)
+
+        if want_mean:  # accumulate in place: no [n, B, tc, V] stack
+            tc *= n
         for t0 in range(keep_from, q, tc):
             t1 = min(q, t0 + tc)
-            yield t0, t1, torch.stack([z[:, t0 - keep_from:t1 - keep_from] for z in zs]), False
+            if want_mean:
+                total = scores(0, t0, t1).float()
+                for i in range(1, n):
+                    total += scores(i, t0, t1)
+                yield t0, t1, total.div_(n)[None], True
+            else:
+                yield t0, t1, torch.stack([scores(i, t0, t1) for i in range(n)]), False
 
     # ------------------------------------------------------------------ forward
 
@@ -502,3 +519,14 @@ def load_ensemble(path: str | Path, mode: str | None = None, device: str | torch
     from downscale.ensemble_io import load_ensemble as _load
 
     return _load(path, mode=mode, device=device, dtype=dtype, fast=fast)
+
+
+def _split_head(student) -> tuple[Any, Any] | None:
+    """(decoder, output head) of a supported causal LM whose logits are exactly ``head(decoder(...))``
+    (LLaMA, Qwen2, Mistral: no logit scaling or soft-capping), else None (the student then runs whole)."""
+    if getattr(student.config, "model_type", None) not in SUPPORTED_ARCHS:
+        return None
+    body, head = getattr(student, "model", None), getattr(student, "lm_head", None)
+    if not isinstance(body, torch.nn.Module) or not isinstance(head, torch.nn.Module):
+        return None
+    return body, head
