@@ -26,10 +26,14 @@ tune_cpu_allocator``: every method in the process benefits, so the comparison is
 ``--allocator default`` or ``both`` also runs it with the default allocator (what a hand loop or TRL gets unless the
 user tunes it) and prints the "as shipped" ratios across the two processes. ``--precision bf16`` runs all three
 under bf16 autocast; ``--vocab`` / ``--batch`` / ``--block`` change the shapes (the KD loss's share grows with V).
+``--compile`` adds (a') ours with ``specialize.compile`` (torch.compile of the student's and the teacher's
+decoders) and (c') TRL with ``torch_compile=True`` (the Trainer compiles the student); their compilation falls in
+the untimed warm-up round.
 Goals (issue 6): ours / hand loop >= 1.0, ours / TRL >= 1.5, cache / online per epoch >= 2.0.
 
     .venv/bin/python benchmarks/bench_specialize.py [--quick] [--threads 2] [--rounds 3] [--steps 3]
-        [--allocator tuned|default|both] [--precision fp32|bf16] [--vocab 8192] [--no-cache] [--json FILE]
+        [--allocator tuned|default|both] [--precision fp32|bf16] [--vocab 8192] [--no-cache] [--compile]
+        [--json FILE]
 
 Absolute tokens/s on a shared 2-core CPU are noise (+-10-15% run to run); only ratios measured side by side in
 one run mean anything. TRL is optional: ``pip install -e .[bench]``.
@@ -95,13 +99,14 @@ def frozen(model):
     return model
 
 
-def train_cfg(steps: int, batch: int):
+def train_cfg(steps: int, batch: int, compile: bool = False):
     from downscale.config import SpecializeConfig, TrainConfig
 
     big = 10**9  # no validation, no checkpoint, no metrics line before the last step
     tcfg = TrainConfig(max_steps=steps, batch_size=batch, grad_accum=1, lr=1e-4, warmup_steps=0, weight_decay=0.1,
                        max_grad_norm=1.0, eval_every=big, save_every=big, log_every=big, keep_checkpoints=1)
-    return SpecializeConfig(kd_ratio=0.5, kd_loss="forward_kl", temperature=1.0, teacher="online", train=tcfg)
+    return SpecializeConfig(kd_ratio=0.5, kd_loss="forward_kl", temperature=1.0, teacher="online", train=tcfg,
+                            compile=compile)
 
 
 def step_durations(stamps: list[float], warmup: int, timed: int) -> list[float]:
@@ -116,18 +121,21 @@ def step_durations(stamps: list[float], warmup: int, timed: int) -> list[float]:
 # --------------------------------------------------------------------------- (a) ours
 
 
-def run_ours(student, teacher, blocks, batch: int, steps: int, work_root: Path, amp=None, cache=None) -> list[float]:
-    """``steps`` optimizer steps of the specialize stage's training (fit + DistillStudent); end-of-step times."""
+def run_ours(student, teacher, blocks, batch: int, steps: int, work_root: Path, amp=None, cache=None,
+             compile: bool = False) -> list[float]:
+    """``steps`` optimizer steps of the specialize stage's training (fit + DistillStudent); end-of-step times.
+    ``compile``: specialize.compile (the student's and the teacher's decoders through torch.compile)."""
     import numpy as np
     import torch
 
-    from downscale import kd, train
+    from downscale import kd, models, train
     from downscale.stages.specialize import DistillStudent, teacher_targets
 
-    scfg = train_cfg(steps, batch)
+    scfg = train_cfg(steps, batch, compile)
     sampler = train.BlockSampler([blocks], batch, seed=0)
     accelerator = train.make_accelerator(torch.device("cpu"), amp)  # fit runs loss_fn under its autocast
     wrapper = DistillStudent(student, scfg)
+    teacher_decoder = models.compiled_decoder(teacher) if compile else None
 
     def loss_fn(model, b):  # as specialize_student's loss_fn, for one source
         ids = b["input_ids"]
@@ -138,7 +146,7 @@ def run_ours(student, teacher, blocks, batch: int, steps: int, work_root: Path, 
             parts = [cache.sparse_teacher(blk[src == s]) for s in np.unique(src)]
             target = kd.SparseTeacher.concat(parts) if len(parts) > 1 else parts[0]
         else:
-            target = teacher_targets(teacher, ids, amp)
+            target = teacher_targets(teacher, ids, amp, teacher_decoder)
         return model(ids, target)
 
     stamps: list[float] = []
@@ -226,8 +234,10 @@ class _Collate:
                 "prompts": ids[:, :1], "prompt_attention_mask": torch.ones_like(ids[:, :1])}
 
 
-def run_trl(student, teacher, blocks, batch: int, steps: int, work_root: Path, tokenizer, amp=None) -> list[float]:
-    """``steps`` GKDTrainer steps (beta 0, lmbda 0, seq_kd False; fp32 or bf16 autocast); end-of-step times."""
+def run_trl(student, teacher, blocks, batch: int, steps: int, work_root: Path, tokenizer, amp=None,
+            compile: bool = False) -> list[float]:
+    """``steps`` GKDTrainer steps (beta 0, lmbda 0, seq_kd False; fp32 or bf16 autocast); end-of-step times.
+    ``compile``: TrainingArguments(torch_compile=True), the Trainer's own torch.compile of the student."""
     import numpy as np
     from accelerate.state import AcceleratorState, GradientState
     from datasets import Dataset
@@ -254,7 +264,7 @@ def run_trl(student, teacher, blocks, batch: int, steps: int, work_root: Path, t
                      temperature=1.0, max_length=blocks.shape[1], bf16=amp is not None, fp16=False, use_cpu=True,
                      gradient_checkpointing=False, report_to="none", logging_strategy="no", save_strategy="no",
                      eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
-                     seed=0, dataset_kwargs={"skip_prepare_dataset": True})
+                     seed=0, dataset_kwargs={"skip_prepare_dataset": True}, torch_compile=compile)
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
                          processing_class=tokenizer, data_collator=_Collate(), callbacks=[Stamp()])
     try:
@@ -300,7 +310,8 @@ def child(args: argparse.Namespace) -> dict:
     blocks = rng.integers(0, vocab, (max(sz["blocks"], batch * (args.warmup + args.steps + 1)), block),
                           dtype=np.int64)
     teacher = frozen(llama(*sz["teacher"], vocab, block, seed=1))
-    students = {m: llama(*sz["student"], vocab, block, seed=2) for m in ("ours", "hand", "trl")}
+    methods = ("ours", "hand", "trl") + (("ours+compile", "trl+compile") if args.compile else ())
+    students = {m: llama(*sz["student"], vocab, block, seed=2) for m in methods}
     gkd = import_gkd()
     tokenizer = tiny_tokenizer(vocab) if gkd else None
     if gkd is None:
@@ -319,6 +330,12 @@ def child(args: argparse.Namespace) -> dict:
     }
     if gkd is not None:
         runners["trl"] = lambda: run_trl(students["trl"], teacher, blocks, batch, steps, root, tokenizer, amp)
+    if args.compile:  # torch.compile on both sides; the warm-up round below holds the compilation
+        runners["ours+compile"] = lambda: run_ours(students["ours+compile"], teacher, blocks, batch, steps, root, amp,
+                                                   compile=True)
+        if gkd is not None:
+            runners["trl+compile"] = lambda: run_trl(students["trl+compile"], teacher, blocks, batch, steps, root,
+                                                     tokenizer, amp, compile=True)
     per_round: dict[str, list[float]] = {m: [] for m in runners}  # tokens/s of each round
     try:
         for name, fn in runners.items():  # warm-up round: first-touch allocations, lazy imports, kernels
@@ -394,7 +411,8 @@ def verdict(value: float | None, goal: float) -> str:
 def report(res: dict) -> dict:
     tps = res["tokens_per_s"]
     label = {"ours": "(a) ours: fit + DistillStudent (fused KD)", "hand": "(b) hand-written loop, full logits",
-             "trl": "(c) TRL GKDTrainer (beta=0, lmbda=0)"}
+             "trl": "(c) TRL GKDTrainer (beta=0, lmbda=0)", "ours+compile": "(a') ours, specialize.compile",
+             "trl+compile": "(c') TRL GKDTrainer, torch_compile=True"}
     print(f"\nSpecialize training throughput, {res['allocator']} allocator ({res['threads']} threads, "
           f"{res['precision']} on the CPU, vocab {res['sizes']['vocab']}, "
           f"teacher {res['params']['teacher']:,} / student {res['params']['student']:,} params, "
@@ -410,6 +428,15 @@ def report(res: dict) -> dict:
     for k in ("ours/hand", "ours/trl"):
         v = ratios[k]
         print(f"ratio {k:<10} = {f'{v:.2f}x' if v is not None else '-':>7}   {verdict(v, GOALS[k])}")
+    if "ours+compile" in tps:
+        extra = {"ours+compile/ours": tps["ours+compile"] / tps["ours"],
+                 "ours+compile/trl": tps["ours+compile"] / tps["trl"] if "trl" in tps else None,
+                 "ours+compile/trl+compile": (tps["ours+compile"] / tps["trl+compile"]) if "trl+compile" in tps
+                 else None}
+        for k, v in extra.items():
+            goal = f"   {verdict(v, GOALS['ours/trl'])}" if k.endswith("/trl+compile") else ""
+            print(f"ratio {k:<24} = {f'{v:.2f}x' if v is not None else '-':>7}{goal}")
+        ratios.update(extra)
     for row in res.get("cache", []):
         ratios.setdefault("cache/online", row["ratio"])
         be = row["break_even_epochs"]
@@ -438,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="blocks per step (default 8; 4 with --quick)")
     ap.add_argument("--block", type=int, default=None, help="tokens per block (default 256; 128 with --quick)")
     ap.add_argument("--no-cache", dest="cache", action="store_false", help="skip (d), teacher cache vs online")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time (a') ours with specialize.compile and (c') TRL with torch_compile=True "
+                         "(each compiles for about a minute on a CPU first)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--child", choices=("tuned", "default"), default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -457,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--precision", args.precision] + [f"--{k}={getattr(args, k)}" for k in ("vocab", "batch", "block")
                                                   if getattr(args, k)]
         cmd += [] if (args.cache and alloc == allocators[0]) else ["--no-cache"]
+        cmd += ["--compile"] if args.compile else []
         env = dict(os.environ)
         if alloc == "default":
             env["DOWNSCALE_NO_MALLOC_TUNING"] = "1"

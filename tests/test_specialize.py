@@ -300,3 +300,43 @@ def test_tensorboard_tracker_of_a_student(tmp_path) -> None:
     tags = acc.Tags()["scalars"]
     assert [e.step for e in acc.Scalars("loss")] == [2, 4], tags
     assert "kd" in tags and "ce" in tags, tags
+
+
+def test_compiled_training_matches_eager(tmp_path, monkeypatch) -> None:
+    """specialize.compile: the student's and the online teacher's decoders run through torch.compile (a
+    recording backend that runs dynamo's captured graphs as they are, so the numbers must equal the eager run);
+    the saved student has the plain HF weight names."""
+    from downscale import models
+
+    graphs: list[int] = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    cfg = _pruned_run(tmp_path)
+    pipeline.run_stage(cfg, "specialize", part=0, log=lambda m: None)
+    eager = _weights(cfg.run_dir / "specialized" / "0")
+    monkeypatch.setattr(models, "COMPILE_BACKEND", recording_backend)
+    compiled_cfg = cfg.model_copy(update={"specialize": cfg.specialize.model_copy(update={"compile": True})})
+    compiled_cfg._source = cfg._source
+    pipeline.run_stage(compiled_cfg, "specialize", part=0, log=lambda m: None)
+    out = cfg.run_dir / "specialized" / "0"
+    assert json.loads((out / "train_summary.json").read_text())["compiled"] is True
+    assert len(graphs) >= 2 and min(graphs) > 20  # at least the student's and the teacher's decoder graphs
+    weights = _weights(out)
+    assert weights.keys() == eager.keys()
+    for name, w in weights.items():
+        torch.testing.assert_close(w, eager[name], atol=1e-5, rtol=1e-4)
+
+
+def test_compile_without_a_cxx_compiler_is_one_line(tmp_path, monkeypatch) -> None:
+    from downscale import models
+
+    cfg = _pruned_run(tmp_path)
+    cfg.specialize.compile = True
+    monkeypatch.setattr(models.shutil, "which", lambda name: None)
+    with pytest.raises(StageError, match=r"specialize\.compile: torch\.compile on the CPU needs a C\+\+") as info:
+        pipeline.run_stage(cfg, "specialize", part=0, log=lambda m: None)
+    assert "\n" not in str(info.value)
+    assert not (cfg.run_dir / "specialized" / "0").exists()

@@ -299,6 +299,11 @@ class SpecializeConfig(_Section):
     replay_fraction: float = Field(
         0.0, ge=0, lt=1, description="Fraction of every batch drawn from the other shards (limits forgetting)."
     )
+    compile: bool = Field(
+        False, description="torch.compile the student's decoder and the online teacher's for the training steps "
+                           "(validation runs uncompiled): 1.2x tokens/s measured on CPU, after a one-off "
+                           "compilation of about a minute. Needs a C++ compiler on CPU."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop of each student.")
 
 

@@ -103,6 +103,25 @@ def tune_cpu_allocator() -> bool:
     return ok
 
 
+# torch.compile backend of ``compiled_decoder`` (tests swap in a recording one).
+COMPILE_BACKEND: Any = "inductor"
+
+
+def compiled_decoder(model: torch.nn.Module):
+    """``torch.compile`` of ``model``'s decoder (the body before the output head) as a separate callable: the
+    module itself, its parameters and state_dict keys stay as they are, and calls through the module (validation,
+    saving) stay uncompiled. Shapes become dynamic after the first recompilation (dynamo's default)."""
+    return torch.compile(model.get_decoder(), backend=COMPILE_BACKEND)
+
+
+def check_compile(device: torch.device, where: str) -> None:
+    """Inductor on a CPU generates C++: fail early, with one line, when no compiler is on PATH."""
+    if COMPILE_BACKEND == "inductor" and device.type == "cpu" and not any(
+            shutil.which(c) for c in ("c++", "g++", "clang++")):
+        raise ValueError(f"{where}: torch.compile on the CPU needs a C++ compiler (c++, g++ or clang++) on PATH; "
+                         f"install one or set it to false")
+
+
 def configure_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)

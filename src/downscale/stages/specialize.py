@@ -142,6 +142,14 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
     caches = None
     if scfg.teacher == "cache":
         caches = [ensure_teacher_cache(ctx, s, teacher, device, amp) for s in source_shards]
+    teacher_decoder = None
+    if scfg.compile:
+        try:
+            models.check_compile(device, f"{cfg._source}: specialize.compile")
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
+        if scfg.teacher == "online" and scfg.teacher_quant == "none" and scfg.kd_ratio > 0:
+            teacher_decoder = models.compiled_decoder(teacher)
     wrapper = DistillStudent(student, scfg)
 
     def loss_fn(model, batch):
@@ -153,7 +161,7 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
             parts = [caches[s].sparse_teacher(blk[src == s]) for s in np.unique(src)]
             target = kd.SparseTeacher.concat(parts).to(ids.device) if len(parts) > 1 else parts[0].to(ids.device)
         elif scfg.kd_ratio > 0:
-            target = teacher_targets(teacher, ids, amp)
+            target = teacher_targets(teacher, ids, amp, teacher_decoder)
         else:
             target = None
         return model(ids, target)
@@ -186,7 +194,8 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
         "params": models.count_params(student), "resumed_from": result.resumed_from,
         "kd": {"ratio": scfg.kd_ratio, "loss": scfg.kd_loss, "temperature": scfg.temperature,
                "teacher": scfg.teacher, "teacher_quant": scfg.teacher_quant},
-        "lora": scfg.lora, "replay_fraction": scfg.replay_fraction, "world_size": accelerator.num_processes,
+        "lora": scfg.lora, "compiled": scfg.compile, "replay_fraction": scfg.replay_fraction,
+        "world_size": accelerator.num_processes,
         "rank_weight_digests": rank_digests,
         "before": before, "after": after,
     }
@@ -223,12 +232,20 @@ class DistillStudent(torch.nn.Module):
         super().__init__()
         self.student = student
         self.scfg = scfg
+        # specialize.compile: a compiled handle on the student's decoder, kept out of the module tree (no
+        # state_dict or parameter change; the student itself, used for validation and saving, stays eager)
+        object.__setattr__(self, "_decoder", None)
+        if getattr(scfg, "compile", False):
+            from downscale import models
+
+            object.__setattr__(self, "_decoder", models.compiled_decoder(student))
 
     def forward(self, input_ids: torch.Tensor, teacher: Any) -> tuple[torch.Tensor, dict[str, float]]:
         from downscale import kd
 
         s = self.scfg
-        hidden = self.student.get_decoder()(input_ids=input_ids).last_hidden_state  # [B, T, H]
+        decoder = self._decoder if self._decoder is not None else self.student.get_decoder()
+        hidden = decoder(input_ids=input_ids).last_hidden_state  # [B, T, H]
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [B*(T-1), H]: position t predicts token t+1
         labels = input_ids[:, 1:].reshape(-1)
         head = self.student.get_output_embeddings().weight  # [V, H]
@@ -348,14 +365,15 @@ def load_teacher(base_dir: Path, scfg: Any, device, amp):
     return teacher
 
 
-def teacher_targets(teacher, ids, amp):
-    """Dense teacher targets for a batch: final hidden states (logits are made per chunk in the loss)."""
+def teacher_targets(teacher, ids, amp, decoder=None):
+    """Dense teacher targets for a batch: final hidden states (logits are made per chunk in the loss).
+    ``decoder``: a compiled handle on the teacher's decoder (specialize.compile), else the teacher's own."""
     import torch
 
     from downscale import kd, models
 
     with torch.no_grad(), models.autocast(ids.device, amp):
-        hidden = teacher.get_decoder()(input_ids=ids).last_hidden_state  # [B, T, H_T]
+        hidden = (decoder if decoder is not None else teacher.get_decoder())(input_ids=ids).last_hidden_state
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     return kd.DenseTeacher(h, teacher.get_output_embeddings().weight)
 
