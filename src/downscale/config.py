@@ -301,8 +301,8 @@ class SpecializeConfig(_Section):
     )
     compile: bool = Field(
         False, description="torch.compile the student's decoder and the online teacher's for the training steps "
-                           "(validation runs uncompiled): 1.2x tokens/s measured on CPU, after a one-off "
-                           "compilation of about a minute. Needs a C++ compiler on CPU."
+                           "(validation runs uncompiled; compiling takes up to a minute). Meant for GPUs; on a "
+                           "2-core CPU it measured 0.99-1.05x. Needs a C++ compiler on CPU."
     )
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop of each student.")
 

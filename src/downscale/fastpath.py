@@ -11,6 +11,9 @@ Layout: q/k/v are stacked as one [n, (H + 2 Hkv) hd, d] matrix and gate/up as on
 (fewer, larger matmuls); the output heads as [V, n, d], so that the mean of the students' logits
 (mode ``logit_mean``) is a single [N, n d] x [n d, V] matmul instead of n [N, V] logit tensors.
 
+On a CPU the position-wise MLP runs over blocks of rows whose [n, rows, 2 I] intermediate is about
+``CPU_BLOCK_BYTES`` (cache-sized); on GPUs it runs over all rows at once.
+
 Memory: the stacked tensors *become* the students' storage (each student's parameter is re-pointed
 to its slice of the stack), so the fast path costs no second copy of the weights; the students
 stay usable one by one (the sequential path) and see the same numbers. The students' output heads
@@ -35,6 +38,8 @@ _SHAPE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_l
                  "mlp_bias", "rope_parameters", "rope_theta", "rope_scaling", "max_position_embeddings")
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 _ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
+# On a CPU the MLP runs over row blocks with an [n, rows, 2 I] intermediate of about this size (cache-sized).
+CPU_BLOCK_BYTES = 12 * 2**20
 
 
 def _field(config, name: str):
@@ -170,8 +175,8 @@ class StackedStudents:
         """HF's RMSNorm for [n, N, d] with weights [n, d]: fp32 statistics, weight * x.to(input dtype)."""
         dtype = x.dtype
         h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w[:, None, :] * h.to(dtype)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True).add_(self.eps))  # a new tensor: in place from here
+        return h.to(dtype).mul_(w[:, None, :]) if dtype == torch.float32 else w[:, None, :] * h.to(dtype)
 
     @staticmethod
     def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -216,6 +221,8 @@ class StackedStudents:
         is_causal = attn_mask is None and q > 1
         if is_causal and past:
             raise ValueError("several new tokens after a cache need an explicit mask")
+        width = self.layers[0]["gate_up"].shape[1]
+        rows = B * q if x.device.type != "cpu" else max(16, CPU_BLOCK_BYTES // (n * width * x.element_size()))
         for li, layer in enumerate(self.layers):
             h = self._rms(x, layer["ln1"])
             qkv = self._linear(h, layer["qkv"], layer["qkv.bias"]).view(n, B, q, H + 2 * Hkv, hd)
@@ -228,10 +235,14 @@ class StackedStudents:
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, is_causal=is_causal,
                                                scale=self.scaling, enable_gqa=H != Hkv)  # [n*B, H, q, hd]
             o = o.transpose(1, 2).reshape(n, B * q, H * hd)
-            x = x + self._linear(o, layer["o"], layer["o.bias"])
-            h = self._rms(x, layer["ln2"])
-            g, u = self._linear(h, layer["gate_up"], layer["gate_up.bias"]).chunk(2, dim=-1)
-            x = x + self._linear(self.act(g) * u, layer["down"], layer["down.bias"])
+            x = x + self._linear(o, layer["o"], layer["o.bias"])  # x is now this function's own: in place below
+            # the MLP is position-wise: on a CPU it runs over row blocks whose [n, rows, 2 I] intermediate
+            # stays cache-sized (measured 1.2x faster per FLOP than one [n, B q, 2 I] matmul); on GPUs, whole
+            for r0 in range(0, B * q, rows):
+                xs = x[:, r0:r0 + rows]
+                h = self._rms(xs, layer["ln2"])
+                g, u = self._linear(h, layer["gate_up"], layer["gate_up.bias"]).chunk(2, dim=-1)
+                xs.add_(self._linear(self.act(g).mul_(u), layer["down"], layer["down.bias"]))
         if cache is not None:
             cache.advance(q)
         return self._rms(x, self.norm).view(n, B, q, -1)
