@@ -174,6 +174,19 @@ def load_causal_lm(path: str | Path, dtype: str | torch.dtype = "float32", devic
     return model
 
 
+def plain_copy(model, state: dict[str, torch.Tensor], device: str | torch.device = "cpu", prefix: str = ""):
+    """A plain (unsharded) HF causal LM of ``model``'s config holding ``state`` (the full weights of a model
+    trained under FSDP, ``train.FitResult.full_state``; keys under ``prefix`` when it was wrapped). A sharded
+    model's parameters are DTensors and its forward runs collectives, so evaluation and saving use this copy."""
+    from transformers import AutoModelForCausalLM
+
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    dtype = next(v.dtype for v in own.values() if v.is_floating_point())
+    copy = AutoModelForCausalLM.from_config(model.config, dtype=dtype, attn_implementation="sdpa")
+    copy.load_state_dict(own, strict=True)
+    return copy.to(device)
+
+
 def save_causal_lm(model, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
                    extra_files: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as an HF folder (safetensors) into ``out_dir`` (a staging path: the caller

@@ -8,10 +8,12 @@ Built on accelerate, so the same code runs in one process (CPU or GPU) and under
     clip -> NaN/inf guard -> AdamW step with the cosine-with-warm-up learning rate of this step
 
 Exact resume: a checkpoint (every ``save_every`` steps, atomically written, the newest
-``keep_checkpoints`` kept) holds the trainable parameters and the AdamW state as safetensors and
-the step, token count and RNG state as JSON. Because the batch of step s depends only on the
-seed and s, and the learning rate only on s, a run killed and restarted ends with the same
-weights as one that was never interrupted. No pickle is written or read.
+``keep_checkpoints`` kept) holds the trainable parameters and the AdamW state (by parameter name, full
+tensors, gathered from the shards under FSDP) as safetensors and the step, token count and RNG state
+as JSON. Because the batch of step s depends only on the seed and s, and the learning rate only on s,
+a run killed and restarted ends with the same weights as one that was never interrupted. No pickle is
+written or read. A model trained sharded also comes back as ``FitResult.full_state`` (full weights on
+every rank) for a plain copy to evaluate and save.
 """
 
 from __future__ import annotations
@@ -138,29 +140,64 @@ def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.AdamW:
 # --------------------------------------------------------------------------- checkpoints (no pickle)
 
 
+CKPT_FORMAT = 2  # 2: optimizer state keyed by parameter name (full tensors), so FSDP-sharded runs resume too
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether any parameter is a DTensor (the model was sharded by FSDP2)."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A full CPU copy of ``t``; a DTensor shard is all-gathered first (a collective: every rank must call)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().to("cpu").contiguous()
+
+
+def gathered_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict as full CPU tensors on every rank (under FSDP a collective, one tensor at a time so
+    the accelerator never holds more than one full tensor besides the shards)."""
+    return {name: _full(t) for name, t in model.state_dict().items()}
+
+
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: _full(p) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _dcp_options(**kw: Any):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, keep: int) -> Path:
-    """Write checkpoint ``step`` atomically (temp folder + rename); prune to the newest ``keep``."""
-    from safetensors.torch import save_file
+                    state: dict, keep: int, write: bool = True) -> Path | None:
+    """Write checkpoint ``step`` atomically (temp folder + rename); prune to the newest ``keep``.
 
+    Every rank must call it (the full weights and optimizer state are gathered from FSDP shards); only the
+    rank with ``write`` writes. The optimizer state is stored by parameter name, as full tensors."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    weights = _trainable_state(model)
+    opt_sd = get_optimizer_state_dict(model, optimizer, options=_dcp_options(cpu_offload=True))
+    if not write:
+        return None
     final = ckpt_root / f"{CKPT_PREFIX}{step:08d}"
     tmp = ckpt_root / f".tmp-{CKPT_PREFIX}{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_trainable_state(model), tmp / "trainable.safetensors")
-    opt_sd = optimizer.state_dict()
+    save_file(weights, tmp / "trainable.safetensors")
     tensors = {}
-    for pid, pstate in opt_sd["state"].items():
+    for name, pstate in opt_sd["state"].items():
         for key, val in pstate.items():
             t = val if torch.is_tensor(val) else torch.tensor(val)
-            tensors[f"{pid}.{key}"] = t.detach().to("cpu").contiguous()
+            tensors[f"{key}/{name}"] = t.detach().to("cpu").contiguous()
     save_file(tensors, tmp / "optimizer.safetensors")
     write_json_atomic(tmp / "optimizer.json", {"param_groups": opt_sd["param_groups"]})
-    write_json_atomic(tmp / "state.json", {**state, "step": step, "torch_rng": torch.get_rng_state().tolist()})
+    write_json_atomic(tmp / "state.json", {**state, "step": step, "format": CKPT_FORMAT,
+                                           "torch_rng": torch.get_rng_state().tolist()})
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -178,24 +215,23 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore trainable parameters, AdamW state and the torch RNG; return the saved state dict."""
+    """Restore trainable parameters, AdamW state and the torch RNG; return the saved state dict. Every rank
+    calls it, after the model is prepared (full tensors are re-sharded to FSDP's layout where it is sharded)."""
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     params = dict(model.named_parameters())
     weights = load_file(path / "trainable.safetensors")
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
         raise RuntimeError(f"{path}: checkpoint lacks trainable parameter {missing[0]}")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    flat = load_file(path / "optimizer.safetensors")
+    set_model_state_dict(model, weights, options=_dcp_options(strict=False))
+    opt_state: dict[str, dict] = {}
+    for key, tensor in load_file(path / "optimizer.safetensors").items():
+        name, param = key.split("/", 1)
+        opt_state.setdefault(param, {})[name] = tensor
     groups = json.loads((path / "optimizer.json").read_text())["param_groups"]
-    opt_state: dict[int, dict] = {}
-    for key, tensor in flat.items():
-        pid, name = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[name] = tensor
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    set_optimizer_state_dict(model, optimizer, {"state": opt_state, "param_groups": groups}, options=_dcp_options())
     state = json.loads((path / "state.json").read_text())
     torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
     return state
@@ -215,6 +251,8 @@ class FitResult:
     peak_memory_mb: float | None = None
     peak_memory_kind: str = ""
     history: list[dict] = field(default_factory=list)
+    # set when the model was trained sharded (FSDP): its full state dict, CPU tensors, on every rank
+    full_state: dict[str, torch.Tensor] | None = None
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
@@ -255,18 +293,26 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
     optimizer = make_optimizer(model, cfg)
     start, tokens, resumed_from, history = 0, 0, None, []
     ckpts = list_checkpoints(ckpt_root)
+    resume = None
     if ckpts:
         saved = json.loads((ckpts[-1] / "state.json").read_text())
-        if saved.get("config_hash") == config_hash:
-            state = load_checkpoint(ckpts[-1], model, optimizer)
-            start, tokens, resumed_from = state["step"], state["tokens"], state["step"]
-            log(f"[{desc}] resuming from checkpoint at step {start}")
+        if saved.get("config_hash") == config_hash and saved.get("format") == CKPT_FORMAT:
+            resume = ckpts[-1]
         else:
-            log(f"[{desc}] ignoring checkpoints made with another config; starting afresh")
-            shutil.rmtree(ckpt_root, ignore_errors=True)
+            why = "another config" if saved.get("config_hash") != config_hash else "an older checkpoint format"
+            log(f"[{desc}] ignoring checkpoints made with {why}; starting afresh")
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                shutil.rmtree(ckpt_root, ignore_errors=True)
+    model_p, optimizer_p = accelerator.prepare(model, optimizer)
+    inner_model = accelerator.unwrap_model(model_p)
+    inner_opt = optimizer_p.optimizer if hasattr(optimizer_p, "optimizer") else optimizer_p
+    if resume is not None:  # after prepare: under FSDP the full tensors are loaded into the shards
+        state = load_checkpoint(resume, inner_model, inner_opt)
+        start, tokens, resumed_from = state["step"], state["tokens"], state["step"]
+        log(f"[{desc}] resuming from checkpoint at step {start}")
     if accelerator.is_main_process:
         _trim_metrics(metrics_path, start)
-    model_p, optimizer_p = accelerator.prepare(model, optimizer)
     device = accelerator.device
 
     tokens_per_step = sampler.global_batch * sampler.sources[0].shape[1]
@@ -327,6 +373,7 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
         if validate is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             model_p.eval()
             val = validate(accelerator.unwrap_model(model_p))
+            _reshard(inner_model)
             model_p.train()
             final_val = val
             row = {"step": done, "tokens": tokens, **{f"val/{k}": v for k, v in val.items()}}
@@ -334,10 +381,9 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
             _emit(accelerator, metrics_path, row)
             log(f"[{desc}] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            if accelerator.is_main_process:
-                save_checkpoint(ckpt_root, done, accelerator.unwrap_model(model_p), optimizer_p.optimizer
-                                if hasattr(optimizer_p, "optimizer") else optimizer_p,
-                                {"tokens": tokens, "config_hash": config_hash}, keep=cfg.keep_checkpoints)
+            # every rank gathers (FSDP shards), the main process writes
+            save_checkpoint(ckpt_root, done, inner_model, inner_opt, {"tokens": tokens, "config_hash": config_hash},
+                            keep=cfg.keep_checkpoints, write=accelerator.is_main_process)
             accelerator.wait_for_everyone()
             last_good = done
         if on_step is not None:
@@ -347,9 +393,18 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
     run_tokens = tokens - (resumed_from or 0) * tokens_per_step
     mem, kind = peak_memory(device)
     accelerator.end_training() if getattr(accelerator, "trackers", None) else None
+    # trained sharded (FSDP): the full weights on every rank, for the stage's plain copy (``models.plain_copy``)
+    full_state = gathered_state(inner_model) if is_sharded(inner_model) else None
     return FitResult(steps=cfg.max_steps, tokens=tokens, seconds=seconds,
                      tokens_per_s=run_tokens / max(seconds, 1e-9), resumed_from=resumed_from, final_val=final_val,
-                     peak_memory_mb=mem, peak_memory_kind=kind, history=history)
+                     peak_memory_mb=mem, peak_memory_kind=kind, history=history, full_state=full_state)
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """FSDP2 leaves the root module's parameters gathered after a forward without backward (validation);
+    shard them again, so the parameters are again the ones the optimizer and the checkpoints know."""
+    if hasattr(model, "reshard") and is_sharded(model):
+        model.reshard()
 
 
 def _emit(accelerator: Any, path: Path, row: dict) -> None:

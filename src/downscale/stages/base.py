@@ -97,6 +97,8 @@ def _pretrain(ctx: StageContext, meta: dict, device, amp) -> tuple[Any, dict]:
                        accelerator=accelerator, validate=validate, desc="base", log=ctx.log,
                        config_hash=ctx.cfg.section_hash("run.seed", "run.precision", "base"))
     model = accelerator.unwrap_model(model)
+    if result.full_state is not None:  # trained sharded (FSDP): a plain copy with the gathered weights
+        model = models.plain_copy(model, result.full_state, device)
     summary = {"tokens": result.tokens, "steps": result.steps, "seconds": round(result.seconds, 2),
                "tokens_per_s": round(result.tokens_per_s, 1), "resumed_from": result.resumed_from,
                "peak_memory_mb": round(result.peak_memory_mb or 0, 1), "peak_memory_kind": result.peak_memory_kind,

@@ -150,7 +150,7 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
             raise StageError(str(exc)) from None
         if scfg.teacher == "online" and scfg.teacher_quant == "none" and scfg.kd_ratio > 0:
             teacher_decoder = models.compiled_decoder(teacher)
-    wrapper = DistillStudent(student, scfg)
+    wrapper = DistillStudent(student, scfg, amp)
 
     def loss_fn(model, batch):
         ids = batch["input_ids"]
@@ -167,7 +167,9 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
         return model(ids, target)
 
     def validate(m) -> dict[str, float]:
-        res = evaluate_student(m.student, teacher, {shard: val_blocks[shard]}, **eval_kw)[shard]
+        # sharded (FSDP): every rank scores its copy of the same blocks through the wrapper (the sharded root)
+        score = (lambda ids: m(ids, None, score_with=teacher)) if train.is_sharded(m) else None
+        res = evaluate_student(m.student, teacher, {shard: val_blocks[shard]}, score=score, **eval_kw)[shard]
         return {f"ce/{shard}": res["ce"], f"kl/{shard}": res["kl"]}
 
     work = ctx.work_dir(f"student-{i}")
@@ -176,6 +178,10 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
                        config_hash=cfg.section_hash("run.seed", "run.precision", "specialize") + f"-{i}")
     wrapper = accelerator.unwrap_model(wrapper)
     student = wrapper.student
+    if result.full_state is not None:  # trained sharded (FSDP): a plain copy with the gathered weights
+        student = models.load_causal_lm(student_dir, dtype="float32", device=device)
+        student = _apply_lora(student, scfg) if scfg.lora else student
+        student.load_state_dict({k.removeprefix("student."): v for k, v in result.full_state.items()}, strict=True)
     rank_digests = _rank_digests(student, accelerator)
     changed = sum(not torch.equal(trainable[n], p.detach()) for n, p in student.named_parameters() if n in trainable)
     if scfg.lora:
@@ -228,10 +234,14 @@ def _rank_digests(model, accelerator) -> list[str]:
 class DistillStudent(torch.nn.Module):
     """Student + the distillation objective in one forward, so DDP / FSDP see a single module call."""
 
-    def __init__(self, student: torch.nn.Module, scfg: Any):
+    def __init__(self, student: torch.nn.Module, scfg: Any, amp: Any = None):
         super().__init__()
         self.student = student
         self.scfg = scfg
+        self.amp = amp  # the autocast dtype of validation scoring (training runs under fit's autocast)
+        # accelerate's FSDP auto-wrap (TRANSFORMER_BASED_WRAP) reads the top module's _no_split_modules:
+        # without them it would shard the whole student as one unit (no per-layer sharding)
+        self._no_split_modules = list(getattr(student, "_no_split_modules", None) or [])
         # specialize.compile: a compiled handle on the student's decoder, kept out of the module tree (no
         # state_dict or parameter change; the student itself, used for validation and saving, stays eager)
         object.__setattr__(self, "_decoder", None)
@@ -240,9 +250,15 @@ class DistillStudent(torch.nn.Module):
 
             object.__setattr__(self, "_decoder", models.compiled_decoder(student))
 
-    def forward(self, input_ids: torch.Tensor, teacher: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, input_ids: torch.Tensor, teacher: Any, score_with: Any = None):
+        """(loss, stats) of one micro-batch against ``teacher`` targets; with ``score_with`` (the teacher model,
+        under no_grad) the validation sums of ``score_batch`` instead: through this forward, FSDP gathers the
+        wrapper's own shards (embeddings, head) as it does for training."""
         from downscale import kd
 
+        if score_with is not None:
+            return score_batch(self.student, score_with, input_ids, self.amp,
+                               kd.auto_chunk_tokens(self.student.config.vocab_size, self.scfg.kd_chunk_tokens))
         s = self.scfg
         decoder = self._decoder if self._decoder is not None else self.student.get_decoder()
         hidden = decoder(input_ids=input_ids).last_hidden_state  # [B, T, H]
@@ -423,42 +439,54 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def evaluate_student(student, teacher, blocks_by_shard: dict[str, np.ndarray], *, batch_size: int,
-                     max_batches: int | None, device, amp, chunk_tokens: int = 1024) -> dict[str, dict[str, float]]:
+                     max_batches: int | None, device, amp, chunk_tokens: int = 1024,
+                     score: Any = None) -> dict[str, dict[str, float]]:
     """Per shard: mean next-token CE of the student and forward KL(teacher || student), pooled by tokens,
-    computed chunk by chunk from hidden states (never the full [B, T, V] logits of both)."""
+    computed chunk by chunk from hidden states (never the full [B, T, V] logits of both). ``score(ids)``
+    replaces the per-batch computation (an FSDP-sharded student is scored through its wrapper's forward)."""
     import torch
-
-    from downscale import kd, models
 
     was_training = student.training
     student.eval()
+    score = score or (lambda ids: score_batch(student, teacher, ids, amp, chunk_tokens))
     out = {}
-    s_head = student.get_output_embeddings().weight
-    t_head = teacher.get_output_embeddings().weight if teacher is not None else None
     with torch.no_grad():
         for shard, blocks in blocks_by_shard.items():
             ce_sum, kl_sum, count = 0.0, 0.0, 0
             n = len(blocks) if max_batches is None else min(len(blocks), max_batches * batch_size)
             for start in range(0, n, batch_size):
                 ids = torch.as_tensor(np.asarray(blocks[start:start + batch_size], dtype=np.int64), device=device)
-                with models.autocast(device, amp):
-                    hs = student.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]
-                    ht = teacher.get_decoder()(input_ids=ids).last_hidden_state[:, :-1] if teacher else None
-                hs = hs.reshape(-1, hs.shape[-1])
-                labels = ids[:, 1:].reshape(-1)
-                for c in range(0, len(labels), chunk_tokens):
-                    ls = (hs[c:c + chunk_tokens].float() @ s_head.float().T)
-                    ce_sum += float(torch.nn.functional.cross_entropy(ls, labels[c:c + chunk_tokens],
-                                                                      reduction="sum"))
-                    if ht is not None:
-                        lt = ht.reshape(-1, ht.shape[-1])[c:c + chunk_tokens].float() @ t_head.float().T
-                        kl_sum += float(kd.kd_divergence(ls, lt, "forward_kl").sum())
-                count += len(labels)
+                ce, kl, c = score(ids)
+                ce_sum, kl_sum, count = ce_sum + ce, kl_sum + kl, count + c
             out[shard] = {"ce": ce_sum / max(count, 1), "kl": kl_sum / max(count, 1) if teacher else None,
                           "tokens": count}
     if was_training:
         student.train()
     return out
+
+
+def score_batch(student, teacher, ids, amp, chunk_tokens: int) -> tuple[float, float, int]:
+    """Summed next-token CE of ``student`` and forward KL(teacher || student) over the tokens of ``ids``, and
+    the token count; the LM heads are applied chunk by chunk."""
+    import torch
+
+    from downscale import kd, models
+
+    s_head = student.get_output_embeddings().weight
+    t_head = teacher.get_output_embeddings().weight if teacher is not None else None
+    with models.autocast(ids.device, amp):
+        hs = student.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]
+        ht = teacher.get_decoder()(input_ids=ids).last_hidden_state[:, :-1] if teacher else None
+    hs = hs.reshape(-1, hs.shape[-1])
+    labels = ids[:, 1:].reshape(-1)
+    ce_sum, kl_sum = 0.0, 0.0
+    for c in range(0, len(labels), chunk_tokens):
+        ls = (hs[c:c + chunk_tokens].float() @ s_head.float().T)
+        ce_sum += float(torch.nn.functional.cross_entropy(ls, labels[c:c + chunk_tokens], reduction="sum"))
+        if ht is not None:
+            lt = ht.reshape(-1, ht.shape[-1])[c:c + chunk_tokens].float() @ t_head.float().T
+            kl_sum += float(kd.kd_divergence(ls, lt, "forward_kl").sum())
+    return ce_sum, kl_sum, len(labels)
 
 
 def _apply_lora(student, scfg):
