@@ -403,3 +403,15 @@ def test_fp16_gradients_survive_loss_scaling():
     ref_h, ref_w = grads(torch.float32, 1.0)
     got_h, got_w = grads(torch.float16, 65536.0)
     assert (got_h - ref_h).norm() / ref_h.norm() < 5e-3 and (got_w - ref_w).norm() / ref_w.norm() < 5e-3
+
+
+def test_default_chunk_is_larger_on_a_gpu() -> None:
+    """~32 MiB per [chunk, V] fp32 temporary on a CPU, 8x that on CUDA (launch-bound otherwise); an explicit
+    chunk always wins; never below 16 tokens."""
+    from downscale.kd import auto_chunk_tokens
+
+    assert auto_chunk_tokens(128256) == 65 and auto_chunk_tokens(128256, device="cpu") == 65
+    assert auto_chunk_tokens(128256, device=torch.device("cuda")) == 523
+    assert auto_chunk_tokens(8192, device="cuda") == 8192 and auto_chunk_tokens(8192) == 1024
+    assert auto_chunk_tokens(128256, 100, device="cuda") == 100
+    assert auto_chunk_tokens(10**9) == 16

@@ -200,14 +200,20 @@ def _divergence(logq: torch.Tensor, logp: torch.Tensor, kind: str, beta: float, 
 # --------------------------------------------------------------------------- the fused loss
 
 AUTO_CHUNK_ELEMENTS = 2**23  # 32 MiB per [chunk, V] fp32 temporary
+# On a GPU, 8x larger chunks (256 MiB per temporary, ~520 tokens at V = 128,256): a 65-token chunk's matmuls take
+# ~50 us on an H100, no longer than the CPU needs to launch the chunk's dozen kernels, so small chunks would leave
+# the GPU waiting on Python; a few such temporaries are still a small fraction of the [tokens, V] logits.
+AUTO_CHUNK_ELEMENTS_CUDA = 8 * AUTO_CHUNK_ELEMENTS
 
 
-def auto_chunk_tokens(vocab_size: int, chunk_tokens: int | None = None) -> int:
+def auto_chunk_tokens(vocab_size: int, chunk_tokens: int | None = None, device: Any = None) -> int:
     """``chunk_tokens`` if given, else the default chunk of ``distill_loss`` for a vocabulary: about 32 MiB
-    per [chunk, V] fp32 temporary (1024 tokens at V = 8192, 65 at V = 128,256), at least 16."""
+    per [chunk, V] fp32 temporary (1024 tokens at V = 8192, 65 at V = 128,256), 256 MiB on a CUDA ``device``
+    (523 tokens at V = 128,256), at least 16."""
     if chunk_tokens is not None:
         return int(chunk_tokens)
-    return max(16, AUTO_CHUNK_ELEMENTS // max(1, int(vocab_size)))
+    cuda = device is not None and torch.device(device).type == "cuda"
+    return max(16, (AUTO_CHUNK_ELEMENTS_CUDA if cuda else AUTO_CHUNK_ELEMENTS) // max(1, int(vocab_size)))
 
 
 
@@ -464,7 +470,7 @@ def distill_loss(student_hidden: torch.Tensor, student_head_weight: torch.Tensor
     if student_head_weight.shape[1] != student_hidden.shape[1] or labels.shape[0] != n_rows:
         raise ValueError(f"distill_loss: shapes do not match: hidden {tuple(student_hidden.shape)}, head weight "
                          f"{tuple(student_head_weight.shape)}, labels {tuple(labels.shape)}")
-    chunk_tokens = auto_chunk_tokens(vocab, chunk_tokens)
+    chunk_tokens = auto_chunk_tokens(vocab, chunk_tokens, student_hidden.device)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1; got {chunk_tokens}")
     if teacher is None and kd_ratio > 0:

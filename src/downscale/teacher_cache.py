@@ -145,7 +145,7 @@ def build_teacher_cache(teacher_model: torch.nn.Module, blocks: np.ndarray, out_
     vocab = head.shape[0]
     if not (1 <= top_k <= vocab):
         raise ValueError(f"top_k must be in [1, vocab size {vocab}]; got {top_k}")
-    chunk_tokens = kd.auto_chunk_tokens(vocab, chunk_tokens)
+    chunk_tokens = kd.auto_chunk_tokens(vocab, chunk_tokens, device)
     n_blocks, block = int(blocks.shape[0]), int(blocks.shape[1])
     settings = _settings(fingerprints or {}, top_k, temperature, vocab, n_blocks, block, logprob_dtype)
     keys = [k for k in settings if k != "format"]

@@ -120,7 +120,7 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
                          f"blocks (an empty shard); give it more text or drop it from data.sources")
     val_blocks = {s: open_split(run_dir, s, "val") for s in shards}
     eval_kw = dict(batch_size=tcfg.batch_size, max_batches=tcfg.eval_batches, device=device, amp=amp,
-                   chunk_tokens=kd.auto_chunk_tokens(student.config.vocab_size, scfg.kd_chunk_tokens))
+                   chunk_tokens=kd.auto_chunk_tokens(student.config.vocab_size, scfg.kd_chunk_tokens, device))
     before = evaluate_student(student, teacher, val_blocks, **eval_kw)
     ctx.log(f"[specialize] student {i} ({shard}) before: CE {before[shard]['ce']:.4f}, "
             f"KL to teacher {before[shard]['kl']:.4f} on its own shard")
@@ -258,7 +258,8 @@ class DistillStudent(torch.nn.Module):
 
         if score_with is not None:
             return score_batch(self.student, score_with, input_ids, self.amp,
-                               kd.auto_chunk_tokens(self.student.config.vocab_size, self.scfg.kd_chunk_tokens))
+                               kd.auto_chunk_tokens(self.student.config.vocab_size, self.scfg.kd_chunk_tokens,
+                                                    input_ids.device))
         s = self.scfg
         decoder = self._decoder if self._decoder is not None else self.student.get_decoder()
         hidden = decoder(input_ids=input_ids).last_hidden_state  # [B, T, H]
