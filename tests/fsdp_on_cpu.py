@@ -56,8 +56,12 @@ class FSDPOnCPU:
 
 
 def _patch() -> None:
-    from downscale import train
+    import os
 
+    from downscale import models, train
+
+    if os.environ.get("DOWNSCALE_COMPILE_BACKEND"):  # specialize.compile with a quick backend (tests)
+        models.COMPILE_BACKEND = os.environ["DOWNSCALE_COMPILE_BACKEND"]
     real = train.make_accelerator
     train.make_accelerator = lambda *a, **k: FSDPOnCPU(real(*a, **k))
 

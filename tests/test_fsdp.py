@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -21,9 +22,9 @@ from tiny import tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _launch(args: list[str], port: int) -> subprocess.CompletedProcess:
+def _launch(args: list[str], port: int, **env_extra: str) -> subprocess.CompletedProcess:
     launcher = Path(sys.executable).parent / "accelerate"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port), **env_extra}
     return subprocess.run([str(launcher if launcher.exists() else "accelerate"), "launch", "--config_file",
                            str(ROOT / "configs" / "accelerate" / "cpu_ddp_2proc.yaml"), "--main_process_port",
                            str(port), str(ROOT / "tests" / "fsdp_on_cpu.py"), *args],
@@ -58,9 +59,12 @@ def test_sharded_fit_killed_resumes_and_matches_one_process(tmp_path) -> None:
     assert worst < 1e-5 and moved > 1000 * worst, (worst, moved)
 
 
-def test_sharded_specialize_matches_one_process(tmp_path) -> None:
-    """The stage under FSDP: validation through the sharded wrapper, the student saved whole, equal to 1 process."""
-    spec = {**SPECIALIZE, "train": {**SPECIALIZE["train"], "max_steps": 6, "batch_size": 2, "eval_every": 3}}
+@pytest.mark.parametrize("compiled", [False, True])
+def test_sharded_specialize_matches_one_process(tmp_path, compiled) -> None:
+    """The stage under FSDP: validation through the sharded wrapper, the student saved whole, equal to 1 process;
+    also with specialize.compile (AOTAutograd through the sharded layers, eager kernels: the same numbers)."""
+    spec = {**SPECIALIZE, "compile": compiled,
+            "train": {**SPECIALIZE["train"], "max_steps": 6, "batch_size": 2, "eval_every": 3}}
     one = {**SPECIALIZE, "train": {**SPECIALIZE["train"], "max_steps": 6, "batch_size": 2, "grad_accum": 2,
                                    "eval_every": 3}}
     fsdp_cfg = _pruned_run(tmp_path / "fsdp", specialize=spec)
@@ -68,11 +72,12 @@ def test_sharded_specialize_matches_one_process(tmp_path) -> None:
     pipeline.run_stage(ref_cfg, "specialize", part=0, log=lambda m: None)
     cfg_file = tmp_path / "fsdp.yaml"
     cfg_file.write_text(fsdp_cfg.to_yaml())
-    res = _launch(["specialize", str(cfg_file), "--student", "0"], 29742)
+    res = _launch(["specialize", str(cfg_file), "--student", "0"], 29742 + compiled,
+                  DOWNSCALE_COMPILE_BACKEND="aot_eager")
     assert res.returncode == 0, res.stderr[-3000:]
     out = fsdp_cfg.run_dir / "specialized" / "0"
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2 and summary["compiled"] is compiled
     assert len(summary["rank_weight_digests"]) == 2 and len(set(summary["rank_weight_digests"])) == 1
     ref_summary = json.loads((ref_cfg.run_dir / "specialized" / "0" / "train_summary.json").read_text())
     shard = summary["shard"]
