@@ -323,6 +323,8 @@ def train_control(ctx: StageContext, device, amp):
                        log=ctx.log, config_hash=cfg.section_hash("run.seed", "specialize.train", "evaluate") +
                        f"-{student_tokens}")
     model = accelerator.unwrap_model(model)
+    if result.full_state is not None:  # trained sharded (FSDP): a plain copy with the gathered weights
+        model = models.plain_copy(model, result.full_state, device)
     model.eval()
     model.config.use_cache = True
     info = {"tokens": result.tokens, "student_tokens": student_tokens, "steps": result.steps, "lr": tcfg.lr,
