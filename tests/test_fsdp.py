@@ -89,3 +89,30 @@ def test_sharded_specialize_matches_one_process(tmp_path, compiled) -> None:
     assert fsdp.keys() == ref.keys()
     worst = max(float((fsdp[k] - ref[k]).abs().max()) for k in ref)
     assert worst < 1e-4, worst
+
+
+def test_sharded_base_pretraining_matches_one_process(tmp_path) -> None:
+    """The base stage under FSDP (the root is the HF model itself): sharded validation, the base gathered whole
+    and saved, equal to a 1-process run with the same global batch."""
+    from tiny import fake_data_run
+
+    base = {"init": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
+                     "num_kv_heads": 2},
+            "train": {"max_steps": 6, "batch_size": 2, "lr": 5e-3, "warmup_steps": 1, "eval_every": 3,
+                      "eval_batches": 1, "save_every": 2, "log_every": 1}}
+    fsdp_cfg = fake_data_run(tmp_path / "fsdp", base=base)
+    ref_cfg = fake_data_run(tmp_path / "one", base={**base, "train": {**base["train"], "grad_accum": 2}})
+    pipeline.run_stage(ref_cfg, "base", log=lambda m: None)
+    cfg_file = tmp_path / "fsdp.yaml"
+    cfg_file.write_text(fsdp_cfg.to_yaml())
+    res = _launch(["base", str(cfg_file)], 29745)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((fsdp_cfg.run_dir / "base" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2
+    metrics = [json.loads(line) for line in (fsdp_cfg.run_dir / "base" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [m["step"] for m in metrics if any(k.startswith("val/") for k in m)] == [3, 6]
+    fsdp, ref = _weights(fsdp_cfg.run_dir / "base"), _weights(ref_cfg.run_dir / "base")
+    assert fsdp.keys() == ref.keys()
+    worst = max(float((fsdp[k] - ref[k]).abs().max()) for k in ref)
+    assert worst < 1e-5, worst
