@@ -116,3 +116,24 @@ def test_sharded_base_pretraining_matches_one_process(tmp_path) -> None:
     assert fsdp.keys() == ref.keys()
     worst = max(float((fsdp[k] - ref[k]).abs().max()) for k in ref)
     assert worst < 1e-5, worst
+
+
+def test_sharded_evaluate_trains_and_saves_the_control(tmp_path) -> None:
+    """The evaluate stage launched on 2 processes under FSDP: the compute-matched control trains sharded, is
+    gathered whole, scored and saved as a plain model; every other row is scored as in one process."""
+    from test_evaluate import SECTIONS
+    from tiny import fake_data_run
+
+    cfg = fake_data_run(tmp_path, **SECTIONS)
+    pipeline.run_all(cfg, stages=("data", "base", "compress", "specialize", "combine"), log=lambda m: None)
+    cfg_file = tmp_path / "fsdp.yaml"
+    cfg_file.write_text(cfg.to_yaml())
+    res = _launch(["evaluate", str(cfg_file)], 29746)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["kind"]: r for r in json.loads((cfg.run_dir / "eval" / "results.json").read_text())["rows"]}
+    assert rows["control"]["loss"]["pooled"] < rows["base"]["loss"]["pooled"]  # it trained on more tokens
+    control = _weights(cfg.run_dir / "eval" / "control")
+    base = _weights(cfg.run_dir / "base")
+    assert control.keys() == base.keys() and all(v.dtype == torch.float32 for v in control.values())
+    assert max(float((control[k] - base[k]).abs().max()) for k in base) > 1e-3
+    assert not list(cfg.run_dir.glob(".staging/*"))  # the workers' staging folders are gone
