@@ -165,3 +165,22 @@ def test_tensorboard_tracker_receives_the_metrics(tmp_path) -> None:
     assert "loss" in tags, tags
     assert [e.step for e in acc.Scalars("loss")] == list(range(1, 7))
     assert "val/loss/code" in tags and "val/loss/pooled" in tags, tags  # validation per shard
+
+
+def test_fused_causal_lm_equals_the_hf_loss_and_gradients() -> None:
+    """The control's objective: FusedCausalLM (CE fused with the head, chunk by chunk) gives HF's shifted
+    next-token loss and the same gradient for every parameter, without the [B, T, V] logits."""
+    from tiny import tiny_model
+
+    ids = torch.randint(1, 128, (3, 20), generator=torch.Generator().manual_seed(0))
+    hf = tiny_model("llama", seed=3, vocab_size=128).train()
+    fused = train.FusedCausalLM(tiny_model("llama", seed=3, vocab_size=128).train())
+    ref = hf(input_ids=ids, labels=ids).loss
+    ref.backward()
+    loss, stats = train.fused_causal_lm_loss(fused, {"input_ids": ids})
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-6) and stats == {}
+    grads = {n: p.grad for n, p in hf.named_parameters()}
+    for name, p in fused.model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-4)
+    assert fused._no_split_modules == ["LlamaDecoderLayer"]

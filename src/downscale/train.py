@@ -470,6 +470,34 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+class FusedCausalLM(torch.nn.Module):
+    """An HF causal LM plus its next-token cross-entropy fused with the LM head, chunk by chunk
+    (``kd.distill_loss`` without a teacher): the [B, T, V] logits never exist (at a 128k vocabulary they are
+    ~8 GB per 16k tokens in fp32, plus their gradient). One forward, so DDP / FSDP see a single root-module
+    call; ``_no_split_modules`` is exposed for accelerate's per-layer FSDP wrap. Train it with
+    ``fused_causal_lm_loss``; its parameters are the model's under the prefix ``model.``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        from downscale import kd
+
+        hidden = self.model.get_decoder()(input_ids=input_ids).last_hidden_state  # [B, T, H]
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # position t predicts token t + 1
+        return kd.distill_loss(h, self.model.get_output_embeddings().weight, input_ids[:, 1:].reshape(-1), None,
+                               kd_ratio=0.0)
+
+
+def fused_causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Next-token cross-entropy of a (prepared) ``FusedCausalLM`` on packed blocks; same value as
+    ``causal_lm_loss`` without the full logits."""
+    loss, _ = model(batch["input_ids"])
+    return loss, {}
+
+
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """Plain next-token cross-entropy on packed blocks (the base's pretraining objective)."""
     ids = batch["input_ids"]

@@ -318,13 +318,15 @@ def train_control(ctx: StageContext, device, amp):
     tokens = tcfg.max_steps * global_batch * block
     ctx.log(f"[evaluate] control: the base trained for {tcfg.max_steps} more steps ({tokens} tokens; "
             f"the students consumed {student_tokens})")
-    result = train.fit(model, cfg=tcfg, sampler=sampler, loss_fn=train.causal_lm_loss,
+    # the fused CE: no [B, T, V] logits (the control of an 8B base at a 128k vocabulary is where they hurt)
+    wrapper = train.FusedCausalLM(model)
+    result = train.fit(wrapper, cfg=tcfg, sampler=sampler, loss_fn=train.fused_causal_lm_loss,
                        work_dir=ctx.work_dir("control"), accelerator=accelerator, validate=None, desc="control",
                        log=ctx.log, config_hash=cfg.section_hash("run.seed", "specialize.train", "evaluate") +
-                       f"-{student_tokens}")
-    model = accelerator.unwrap_model(model)
+                       f"-{student_tokens}-fused")
+    model = accelerator.unwrap_model(wrapper).model
     if result.full_state is not None:  # trained sharded (FSDP): a plain copy with the gathered weights
-        model = models.plain_copy(model, result.full_state, device)
+        model = models.plain_copy(model, result.full_state, device, prefix="model.")
     model.eval()
     model.config.use_cache = True
     info = {"tokens": result.tokens, "student_tokens": student_tokens, "steps": result.steps, "lr": tcfg.lr,
