@@ -180,6 +180,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    if not write and not is_sharded(model):  # nothing to gather: the writing rank holds every tensor
+        return None
     weights = _trainable_state(model)
     opt_sd = get_optimizer_state_dict(model, optimizer, options=_dcp_options(cpu_offload=True))
     if not write:
