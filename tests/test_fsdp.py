@@ -59,25 +59,28 @@ def test_sharded_fit_killed_resumes_and_matches_one_process(tmp_path) -> None:
     assert worst < 1e-5 and moved > 1000 * worst, (worst, moved)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_sharded_specialize_matches_one_process(tmp_path, compiled) -> None:
+@pytest.mark.parametrize("variant", ["full", "compile", "lora"])
+def test_sharded_specialize_matches_one_process(tmp_path, variant) -> None:
     """The stage under FSDP: validation through the sharded wrapper, the student saved whole, equal to 1 process;
-    also with specialize.compile (AOTAutograd through the sharded layers, eager kernels: the same numbers)."""
-    spec = {**SPECIALIZE, "compile": compiled,
+    also with specialize.compile (AOTAutograd through the sharded layers, eager kernels: the same numbers) and
+    with LoRA (frozen and trainable weights in one shard group; adapters merged after gathering)."""
+    compiled = variant == "compile"
+    extra = {"compile": compiled} | ({"lora": True, "lora_rank": 4} if variant == "lora" else {})
+    spec = {**SPECIALIZE, **extra,
             "train": {**SPECIALIZE["train"], "max_steps": 6, "batch_size": 2, "eval_every": 3}}
-    one = {**SPECIALIZE, "train": {**SPECIALIZE["train"], "max_steps": 6, "batch_size": 2, "grad_accum": 2,
-                                   "eval_every": 3}}
+    one = {**SPECIALIZE, **{k: v for k, v in extra.items() if k != "compile"},
+           "train": {**SPECIALIZE["train"], "max_steps": 6, "batch_size": 2, "grad_accum": 2, "eval_every": 3}}
     fsdp_cfg = _pruned_run(tmp_path / "fsdp", specialize=spec)
     ref_cfg = _pruned_run(tmp_path / "one", specialize=one)
     pipeline.run_stage(ref_cfg, "specialize", part=0, log=lambda m: None)
     cfg_file = tmp_path / "fsdp.yaml"
     cfg_file.write_text(fsdp_cfg.to_yaml())
-    res = _launch(["specialize", str(cfg_file), "--student", "0"], 29742 + compiled,
+    res = _launch(["specialize", str(cfg_file), "--student", "0"], 29750 + ["full", "compile", "lora"].index(variant),
                   DOWNSCALE_COMPILE_BACKEND="aot_eager")
     assert res.returncode == 0, res.stderr[-3000:]
     out = fsdp_cfg.run_dir / "specialized" / "0"
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["compiled"] is compiled
+    assert summary["world_size"] == 2 and summary["compiled"] is compiled and summary["lora"] is (variant == "lora")
     assert len(summary["rank_weight_digests"]) == 2 and len(set(summary["rank_weight_digests"])) == 1
     ref_summary = json.loads((ref_cfg.run_dir / "specialized" / "0" / "train_summary.json").read_text())
     shard = summary["shard"]

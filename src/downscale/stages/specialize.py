@@ -126,6 +126,9 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
             f"KL to teacher {before[shard]['kl']:.4f} on its own shard")
 
     if scfg.lora:
+        # the adapters' random init from the run's seed and the student's index, not from whatever ran before in
+        # this process: reproducible, and the same on every rank (FSDP keeps each rank's own init of its shard)
+        torch.manual_seed(cfg.run.seed + 1000 * (i + 1))
         student = _apply_lora(student, scfg)
     trainable = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
     accelerator = train.make_accelerator(device, amp, tcfg.report_to, project_dir=ctx.work_dir(f"student-{i}"),
