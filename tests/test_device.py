@@ -36,14 +36,12 @@ def test_whole_pipeline_in_bf16_on_the_device(bf16_run) -> None:
         assert all(math.isfinite(v) and v > 0 for v in r["loss"].values()), r["name"]
     base = next(r for r in res["rows"] if r["kind"] == "base")["loss"]["pooled"]
     pruned = [r["loss"]["pooled"] for r in res["rows"] if r["kind"] == "pruned"]
-    special = [r["loss"]["pooled"] for r in res["rows"] if r["kind"] == "specialized"]
     assert min(pruned) > base  # pruning costs loss ...
     for i in range(3):  # ... and specialization (KD from the bf16 teacher cache + CE) wins some back on the shard
         summary = json.loads((cfg.run_dir / "specialized" / str(i) / "train_summary.json").read_text())
         shard = summary["shard"]
         assert summary["after"][shard]["ce"] < summary["before"][shard]["ce"], summary
         assert summary["peak_memory_kind"] == ("cuda_max_allocated" if DEVICE.type == "cuda" else "process_peak_rss")
-    assert len(special) == 3
 
 
 def test_saved_models_are_fp32_on_disk(bf16_run) -> None:

@@ -374,7 +374,7 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
             stats_acc, window_t, window_tok = {}, time.time(), 0
         if validate is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             model_p.eval()
-            val = validate(accelerator.unwrap_model(model_p))
+            val = validate(inner_model)
             _reshard(inner_model)
             model_p.train()
             final_val = val
