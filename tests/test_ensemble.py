@@ -389,7 +389,7 @@ def test_sequential_path_applies_each_head_chunk_by_chunk(mode, monkeypatch):
     assert seen and max(seen) <= per_chunk and sum(seen) == 3 * 20
 
     seen.clear()  # the third student's head cannot be split off: it runs whole, the others stay chunked
-    real = ensemble_mod._split_head
-    monkeypatch.setattr(ensemble_mod, "_split_head", lambda s: None if s is students[2] else real(s))
+    real = ensemble_mod.split_head
+    monkeypatch.setattr(ensemble_mod, "split_head", lambda s: None if s is students[2] else real(s))
     torch.testing.assert_close(ens(ids).logits, ref, atol=2e-5, rtol=0)
     assert sorted(seen)[-1] == 20 and sum(seen) == 3 * 20

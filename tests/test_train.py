@@ -184,3 +184,49 @@ def test_fused_causal_lm_equals_the_hf_loss_and_gradients() -> None:
     for name, p in fused.model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-4)
     assert fused._no_split_modules == ["LlamaDecoderLayer"]
+
+
+def _full_logits_nll(model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+    return float(-logp.gather(-1, ids[:, 1:, None]).sum())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_block_nll_applies_the_head_chunk_by_chunk_and_equals_the_full_logits(arch, monkeypatch) -> None:
+    """Validation / calibration / evaluation scoring: the LM head runs on chunks of positions (no [B, T, V]
+    logits at a 128k vocabulary) and the summed NLL equals the one from the model's full logits; a wrapper
+    that scores itself (FusedCausalLM, the base stage's FSDP root) gives the same through its own forward."""
+    from downscale import models
+
+    model = tiny_model(arch, seed=4, vocab_size=128)
+    ids = torch.randint(1, 128, (3, 20), generator=torch.Generator().manual_seed(1))
+    ref = _full_logits_nll(model, ids)
+    rows = []
+    model.lm_head.register_forward_hook(lambda m, i, o: rows.append(o.shape))  # must never run
+    monkeypatch.setattr(models, "nll_chunk_tokens", lambda vocab, n=1, budget=0: 16)
+    total, count = models.block_nll(model, ids, torch.device("cpu"))
+    assert count == 3 * 19 and rows == []
+    assert total == pytest.approx(ref, rel=1e-6)
+    # chunks of 16 of the 57 positions: 4 chunks, the same sum
+    with torch.no_grad():
+        h = model.model(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, model.config.hidden_size)
+    assert float(models.chunked_nll_sum(h, model.lm_head.weight, ids[:, 1:].reshape(-1), 16)) == \
+        pytest.approx(ref, rel=1e-6)
+    wrapped = train.FusedCausalLM(model)
+    assert models.block_nll(wrapped, ids, torch.device("cpu")) == (pytest.approx(ref, rel=1e-6), count)
+    assert models.mean_nll(wrapped, ids.numpy(), 2, torch.device("cpu"))[0] == pytest.approx(ref / count, rel=1e-6)
+
+
+def test_block_nll_runs_the_whole_model_when_the_head_cannot_be_split() -> None:
+    """A head with a bias (or an unsupported architecture) is not ``head(decoder(x))`` as split_head needs: the
+    model's own forward scores it."""
+    from downscale import models
+
+    model = tiny_model("llama", seed=5, vocab_size=128)
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, 128, bias=True)
+    torch.nn.init.normal_(model.lm_head.bias, std=1.0)
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    assert models.split_head(model) is None
+    assert models.block_nll(model, ids, torch.device("cpu"))[0] == pytest.approx(_full_logits_nll(model, ids),
+                                                                                 rel=1e-6)

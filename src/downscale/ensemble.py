@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from downscale import routing
 from downscale.fastpath import StackedKV, StackedStudents, stack_incompatibility
-from downscale.models import SUPPORTED_ARCHS
+from downscale.models import split_head
 from downscale.pipeline import StageError
 
 MODES = ("logit_mean", "prob_mean", "routed", "weighted")
@@ -266,7 +266,7 @@ class EnsembleModel(torch.nn.Module):
                 kwargs.update(use_cache=True, past_key_values=cache.student_caches[i] if cache is not None else None)
             else:
                 kwargs["use_cache"] = False
-            split = _split_head(student)
+            split = split_head(student)
             if split is None:
                 out = student(**kwargs, logits_to_keep=q - keep_from if keep_from else 0)
                 hs.append((None, out.logits))  # [B, q - keep_from, V]
@@ -519,14 +519,3 @@ def load_ensemble(path: str | Path, mode: str | None = None, device: str | torch
     from downscale.ensemble_io import load_ensemble as _load
 
     return _load(path, mode=mode, device=device, dtype=dtype, fast=fast)
-
-
-def _split_head(student) -> tuple[Any, Any] | None:
-    """(decoder, output head) of a supported causal LM whose logits are exactly ``head(decoder(...))``
-    (LLaMA, Qwen2, Mistral: no logit scaling or soft-capping), else None (the student then runs whole)."""
-    if getattr(student.config, "model_type", None) not in SUPPORTED_ARCHS:
-        return None
-    body, head = getattr(student, "model", None), getattr(student, "lm_head", None)
-    if not isinstance(body, torch.nn.Module) or not isinstance(head, torch.nn.Module):
-        return None
-    return body, head

@@ -225,15 +225,66 @@ def model_arch(config: Any) -> str:
     return arch
 
 
+# Per chunk of positions, next-token scoring holds about this many bytes of [chunk, V] fp32 scores.
+NLL_CHUNK_BYTES = 512 * 2**20
+
+
+def nll_chunk_tokens(vocab: int, n_models: int = 1, budget_bytes: int = NLL_CHUNK_BYTES) -> int:
+    """Positions per chunk so that ``n_models`` x [chunk, vocab] fp32 scores fit ``budget_bytes`` (at least 16)."""
+    return max(16, budget_bytes // (4 * vocab * max(1, n_models)))
+
+
+def split_head(model) -> tuple[Any, Any] | None:
+    """(decoder, output head) of a supported causal LM whose logits are exactly ``head(decoder(...))``
+    (LLaMA, Qwen2, Mistral: no logit scaling or soft-capping; a head without bias), else None."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in SUPPORTED_ARCHS:
+        return None
+    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if not isinstance(body, torch.nn.Module) or not isinstance(head, torch.nn.Linear) or head.bias is not None:
+        return None
+    return body, head
+
+
 @torch.no_grad()
 def block_nll(model, tokens: torch.Tensor, device: torch.device, amp: torch.dtype | None = None) -> tuple[float, int]:
-    """Summed next-token NLL (nats, computed in fp32) and token count of blocks ``tokens`` [B, T]."""
+    """Summed next-token NLL (nats, computed in fp32) and token count of blocks ``tokens`` [B, T].
+
+    A supported causal LM is scored from its final hidden states with the LM head applied in fp32 chunk by
+    chunk (``nll_chunk_tokens``): the [B, T, V] logits never exist (at a 128k vocabulary they would be
+    ~8 GB per 16k tokens in fp32, twice with their log-softmax). A training wrapper that scores itself
+    (``scores_nll``, e.g. ``train.FusedCausalLM``, the FSDP root of the base stage) runs its own forward; a
+    model sharded by FSDP or of another architecture runs its whole forward (full logits).
+    """
     tokens = tokens.to(device=device, dtype=torch.long)
+    if getattr(model, "scores_nll", False):
+        with autocast(device, amp):
+            total, count = model(tokens, score=True)
+        return float(total), int(count)
+    split = None if any(hasattr(p, "full_tensor") for p in model.parameters()) else split_head(model)
+    labels = tokens[:, 1:].reshape(-1)
+    if split is None:
+        with autocast(device, amp):
+            logits = model(input_ids=tokens).logits  # [B, T, V]
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        return float(-logp.gather(-1, tokens[:, 1:, None]).sum()), int(labels.numel())
+    body, head = split
     with autocast(device, amp):
-        logits = model(input_ids=tokens).logits  # [B, T, V]
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [B, T-1]
-    return float(nll.sum()), int(nll.numel())
+        hidden = body(input_ids=tokens).last_hidden_state[:, :-1]
+    return float(chunked_nll_sum(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels)), int(labels.numel())
+
+
+def chunked_nll_sum(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
+                    chunk_tokens: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``labels`` [N] under logits ``hidden`` [N, H] x ``head_weight`` [V, H]^T, in fp32,
+    ``chunk_tokens`` rows at a time (default ``nll_chunk_tokens(V)``), summed in float64; a 0-d tensor (no host
+    sync)."""
+    w = head_weight.detach().float()  # one fp32 copy of the head, not one per chunk
+    step = chunk_tokens or nll_chunk_tokens(w.shape[0])
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for c in range(0, labels.shape[0], step):
+        total += torch.nn.functional.cross_entropy(hidden[c:c + step].float() @ w.T, labels[c:c + step],
+                                                   reduction="sum").double()
+    return total
 
 
 @torch.no_grad()

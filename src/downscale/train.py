@@ -477,20 +477,29 @@ class FusedCausalLM(torch.nn.Module):
     (``kd.distill_loss`` without a teacher): the [B, T, V] logits never exist (at a 128k vocabulary they are
     ~8 GB per 16k tokens in fp32, plus their gradient). One forward, so DDP / FSDP see a single root-module
     call; ``_no_split_modules`` is exposed for accelerate's per-layer FSDP wrap. Train it with
-    ``fused_causal_lm_loss``; its parameters are the model's under the prefix ``model.``."""
+    ``fused_causal_lm_loss``; its parameters are the model's under the prefix ``model.``.
+
+    ``forward(ids, score=True)`` (under no_grad) returns the summed NLL and the token count instead, the LM head
+    applied in fp32 chunk by chunk as ``models.block_nll`` does: validation of a sharded model must run through
+    the FSDP root's forward, which gathers the root's own shards (embeddings, final norm, head)."""
+
+    scores_nll = True  # models.block_nll scores this wrapper through its forward
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
         self._no_split_modules = list(getattr(model, "_no_split_modules", None) or [])
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        from downscale import kd
+    def forward(self, input_ids: torch.Tensor, score: bool = False):
+        from downscale import kd, models
 
         hidden = self.model.get_decoder()(input_ids=input_ids).last_hidden_state  # [B, T, H]
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # position t predicts token t + 1
-        return kd.distill_loss(h, self.model.get_output_embeddings().weight, input_ids[:, 1:].reshape(-1), None,
-                               kd_ratio=0.0)
+        labels = input_ids[:, 1:].reshape(-1)
+        head = self.model.get_output_embeddings().weight
+        if score:
+            return models.chunked_nll_sum(h, head, labels), labels.numel()
+        return kd.distill_loss(h, head, labels, None, kd_ratio=0.0)
 
 
 def fused_causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:

@@ -93,12 +93,16 @@ def _pretrain(ctx: StageContext, meta: dict, device, amp) -> tuple[Any, dict]:
                                    amp)
         return {f"loss/{k}": v for k, v in losses.items()}
 
-    result = train.fit(model, cfg=tcfg, sampler=sampler, loss_fn=train.causal_lm_loss, work_dir=work,
+    # the next-token CE fused with the LM head (no [B, T, V] logits); validation scores through the wrapper,
+    # the FSDP root when sharded. ("-fused": checkpoints of the unwrapped model, whose parameter names lack
+    # the wrapper's "model." prefix, are not resumed.)
+    wrapper = train.FusedCausalLM(model)
+    result = train.fit(wrapper, cfg=tcfg, sampler=sampler, loss_fn=train.fused_causal_lm_loss, work_dir=work,
                        accelerator=accelerator, validate=validate, desc="base", log=ctx.log,
-                       config_hash=ctx.cfg.section_hash("run.seed", "run.precision", "base"))
-    model = accelerator.unwrap_model(model)
+                       config_hash=ctx.cfg.section_hash("run.seed", "run.precision", "base") + "-fused")
+    model = accelerator.unwrap_model(wrapper).model
     if result.full_state is not None:  # trained sharded (FSDP): a plain copy with the gathered weights
-        model = models.plain_copy(model, result.full_state, device)
+        model = models.plain_copy(model, result.full_state, device, prefix="model.")
     summary = {"tokens": result.tokens, "steps": result.steps, "seconds": round(result.seconds, 2),
                "tokens_per_s": round(result.tokens_per_s, 1), "resumed_from": result.resumed_from,
                "peak_memory_mb": round(result.peak_memory_mb or 0, 1), "peak_memory_kind": result.peak_memory_kind,

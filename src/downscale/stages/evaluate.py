@@ -156,26 +156,14 @@ class _Evaluator:
 
 def _sum_nll(model, ids: torch.Tensor, amp) -> float:
     """Total next-token NLL of ``ids`` [B, T], never holding the [B, T, V] scores at once (a 128k vocabulary
-    stays cheap). A plain HF model: its LM head applied chunk by chunk in fp32 to the final hidden states. An
-    ensemble: ``EnsembleModel.sum_nll`` over its combination's chunks."""
+    stays cheap): an ensemble through ``EnsembleModel.sum_nll`` over its combination's chunks, a plain HF
+    model through ``models.block_nll`` (its LM head applied chunk by chunk in fp32)."""
     from downscale import models
 
-    with models.autocast(ids.device, amp):
-        if hasattr(model, "sum_nll"):  # the ensemble: its combination is consumed chunk by chunk
+    if hasattr(model, "sum_nll"):  # the ensemble: its combination is consumed chunk by chunk
+        with models.autocast(ids.device, amp):
             return model.sum_nll(ids)[0]
-        hidden = model.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]
-    h = hidden.reshape(-1, hidden.shape[-1])
-    labels = ids[:, 1:].reshape(-1)
-    head = model.get_output_embeddings().weight.float()
-    step = _chunk(head.shape[0], 1)
-    return sum(float(torch.nn.functional.cross_entropy(h[c:c + step].float() @ head.T, labels[c:c + step],
-                                                       reduction="sum"))
-               for c in range(0, len(labels), step))
-
-
-def _chunk(vocab: int, n_models: int, budget_bytes: int = 512 * 2**20) -> int:
-    """Tokens per chunk so that n_models x [chunk, vocab] fp32 scores fit ``budget_bytes``."""
-    return max(16, budget_bytes // (4 * vocab * max(1, n_models)))
+    return models.block_nll(model, ids, ids.device, amp)[0]
 
 
 def _configs(model) -> list[Any]:
@@ -249,7 +237,8 @@ def ensemble_size_curve(students: list, test: dict[str, np.ndarray], ecfg: Any, 
             while len(seen) < ecfg.curve_max_subsets:
                 seen.add(tuple(sorted(rng.choice(n, size=m, replace=False).tolist())))
             subsets += sorted(seen)
-    sums = {mode: np.zeros(len(subsets)) for mode in CURVE_MODES}
+    # summed on the device (float64) and read once at the end: no host sync per subset and chunk
+    sums = {mode: torch.zeros(len(subsets), dtype=torch.float64, device=device) for mode in CURVE_MODES}
     count = 0
     for blocks in test.values():
         for start in range(0, len(blocks), ecfg.batch_size):
@@ -261,7 +250,7 @@ def ensemble_size_curve(students: list, test: dict[str, np.ndarray], ecfg: Any, 
                     h = s.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]
                 hidden.append(h.reshape(-1, h.shape[-1]))
             heads = [s.get_output_embeddings().weight.float() for s in students]
-            step = _chunk(heads[0].shape[0], n)
+            step = models.nll_chunk_tokens(heads[0].shape[0], n)
             for c in range(0, len(all_labels), step):
                 labels = all_labels[c:c + step]
                 z = torch.stack([h[c:c + step].float() @ w.T for h, w in zip(hidden, heads, strict=True)])  # [n,C,V]
@@ -270,10 +259,11 @@ def ensemble_size_curve(students: list, test: dict[str, np.ndarray], ecfg: Any, 
                     idx = list(sub)
                     mean_logits = z[idx].mean(0)
                     nll = -(torch.log_softmax(mean_logits, -1).gather(-1, labels[:, None]))
-                    sums["logit_mean"][j] += float(nll.sum())
+                    sums["logit_mean"][j] += nll.sum().double()
                     mix = torch.logsumexp(logp[idx], dim=0) - math.log(len(idx))
-                    sums["prob_mean"][j] += float(-mix.gather(-1, labels[:, None]).sum())
+                    sums["prob_mean"][j] -= mix.gather(-1, labels[:, None]).sum().double()
             count += all_labels.numel()
+    sums = {mode: v.cpu().numpy() for mode, v in sums.items()}
     curve = {}
     for mode in CURVE_MODES:
         points = []

@@ -476,20 +476,22 @@ def score_batch(student, teacher, ids, amp, chunk_tokens: int) -> tuple[float, f
 
     from downscale import kd, models
 
-    s_head = student.get_output_embeddings().weight
-    t_head = teacher.get_output_embeddings().weight if teacher is not None else None
+    # fp32 copies of the heads made once per batch (not once per chunk: at a 128k vocabulary each is ~1-2 GB)
+    s_head = student.get_output_embeddings().weight.detach().float()
+    t_head = teacher.get_output_embeddings().weight.detach().float() if teacher is not None else None
     with models.autocast(ids.device, amp):
         hs = student.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]
         ht = teacher.get_decoder()(input_ids=ids).last_hidden_state[:, :-1] if teacher else None
     hs = hs.reshape(-1, hs.shape[-1])
     labels = ids[:, 1:].reshape(-1)
-    ce_sum, kl_sum = 0.0, 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=ids.device)  # [CE, KL], read once at the end
     for c in range(0, len(labels), chunk_tokens):
-        ls = (hs[c:c + chunk_tokens].float() @ s_head.float().T)
-        ce_sum += float(torch.nn.functional.cross_entropy(ls, labels[c:c + chunk_tokens], reduction="sum"))
+        ls = (hs[c:c + chunk_tokens].float() @ s_head.T)
+        sums[0] += torch.nn.functional.cross_entropy(ls, labels[c:c + chunk_tokens], reduction="sum").double()
         if ht is not None:
-            lt = ht.reshape(-1, ht.shape[-1])[c:c + chunk_tokens].float() @ t_head.float().T
-            kl_sum += float(kd.kd_divergence(ls, lt, "forward_kl").sum())
+            lt = ht.reshape(-1, ht.shape[-1])[c:c + chunk_tokens].float() @ t_head.T
+            sums[1] += kd.kd_divergence(ls, lt, "forward_kl").sum().double()
+    ce_sum, kl_sum = sums.tolist()
     return ce_sum, kl_sum, len(labels)
 
 
