@@ -41,6 +41,19 @@ def _torch_threads():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread. On a busy 2-core machine two OpenMP threads made a tiny training step
+    ~100x slower (threads spin-waiting for a descheduled peer). Modules that want it declare
+    ``pytestmark = pytest.mark.usefixtures("one_thread")`` (it runs after ``_torch_threads``)."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 # tests/ on sys.path, so that tests can ``from tiny import ...``.
 import sys as _sys  # noqa: E402
 

@@ -18,13 +18,7 @@ from downscale.models import save_causal_lm
 from downscale.pipeline import StageError
 from tiny import fake_data_run, make_tokenizer, mark_complete, tiny_model, train_briefly
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 
 def _make_run(tmp_path, train_steps: int = 0, **combine):

@@ -156,6 +156,29 @@ def test_hf_unknown_dataset_is_one_line(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- builtin corpus
 
 
+def test_builtin_code_and_docstrings_of_one_module_share_its_split():
+    """A stdlib module's code (python_code) and its docstrings (english_docs) carry one split key, so a module
+    whose code is test data never has its docstrings trained on (and the reverse)."""
+    from downscale.data.packing import assign_splits
+
+    code, _ = _read({"name": "c", "kind": "builtin", "builtin": "python_code", "max_documents": 400})
+    docs, _ = _read({"name": "d", "kind": "builtin", "builtin": "english_docs", "max_documents": 400})
+    code_keys = {d.origin.removeprefix("stdlib:"): d.split_key for d in code}
+    doc_keys = {d.origin.removeprefix("docstrings:"): d.split_key for d in docs if d.origin.startswith("docstrings:")}
+    shared = sorted(set(code_keys) & set(doc_keys))
+    assert len(shared) >= 20, (len(code_keys), len(doc_keys))
+    assert all(code_keys[rel] == doc_keys[rel] == f"stdlib:{rel}" for rel in shared)
+    pairs = [d for d in code if d.origin.removeprefix("stdlib:") in shared] + \
+        [d for d in docs if d.origin.removeprefix("docstrings:") in shared]
+    split, borrowed = assign_splits(pairs, seed=0, val_fraction=0.3, test_fraction=0.3)
+    assert borrowed == {} and all(split.values())
+    where = {}
+    for name, part in split.items():
+        for d in part:
+            where.setdefault(d.split_key, set()).add(name)
+    assert all(len(names) == 1 for names in where.values()) and len(where) == len(shared)
+
+
 def test_builtin_domains_are_distinct_and_recorded():
     code, rep_code = _read({"name": "c", "kind": "builtin", "builtin": "python_code", "max_documents": 25})
     docs, rep_docs = _read({"name": "d", "kind": "builtin", "builtin": "english_docs", "max_documents": 25})

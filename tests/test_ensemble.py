@@ -16,14 +16,7 @@ V = 128
 MODES = ("logit_mean", "prob_mean", "routed", "weighted")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread. On a busy 2-core machine two OpenMP threads made a tiny training step
-    ~100x slower (threads spin-waiting for a descheduled peer)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 
 def _students(arch: str = "llama", n: int = 3, **kw):

@@ -14,13 +14,7 @@ from downscale.ensemble import EnsembleModel  # noqa: E402
 from downscale.harness import EnsembleLM  # noqa: E402
 from tiny import domain_text, make_tokenizer, tiny_model  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 
 @pytest.fixture

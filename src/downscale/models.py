@@ -127,6 +127,19 @@ def configure_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def setup_runtime(run: Any, tune_allocator: bool = False) -> tuple[torch.device, torch.dtype | None]:
+    """What every stage does first with the config's ``run`` section: quiet transformers' logs, set the thread
+    count, resolve the device and the autocast dtype; with ``tune_allocator``, tune glibc's allocator on a CPU
+    (``tune_cpu_allocator``: process-wide, so only stages that train call it). Returns (device, autocast dtype)."""
+    quiet_transformers()
+    configure_threads(run.threads)
+    device = resolve_device(run.device)
+    amp = autocast_dtype(run.precision, device)
+    if tune_allocator and device.type == "cpu":
+        tune_cpu_allocator()
+    return device, amp
+
+
 # --------------------------------------------------------------------------- building
 
 

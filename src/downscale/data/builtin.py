@@ -82,7 +82,10 @@ def stdlib_files() -> list[Path]:
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _python_code(flt: DocumentFilter) -> None:
+def _stdlib_sources(flt: DocumentFilter) -> Iterator[tuple[Path, bytes, str, str]]:
+    """(path, bytes, path relative to the stdlib, split key) of every ``stdlib_files()`` entry, recorded in the
+    source report, until the filter is full. The split key is the module's: its code (``python_code``) and its
+    docstrings (``english_docs``) land in the same split, so no test-split docstring is ever trained on."""
     root = stdlib_root()
     flt.report.info["roots"] = [str(root)]
     for path in stdlib_files():
@@ -91,7 +94,12 @@ def _python_code(flt: DocumentFilter) -> None:
         data = path.read_bytes()
         rel = path.relative_to(root).as_posix()
         flt.report.add_file(path, data, root=root)
-        flt.add(data, f"stdlib:{rel}", split_key=f"stdlib:{rel}")
+        yield path, data, rel, f"stdlib:{rel}"
+
+
+def _python_code(flt: DocumentFilter) -> None:
+    for _path, data, rel, split_key in _stdlib_sources(flt):
+        flt.add(data, f"stdlib:{rel}", split_key=split_key)
 
 
 def _english_docs(flt: DocumentFilter) -> None:
@@ -104,19 +112,13 @@ def _english_docs(flt: DocumentFilter) -> None:
         for name, text in sorted(_topics(data).items()):
             flt.add(text, f"pydoc_data/topics.py:{name}", split_key=f"topics:{name}")
     unparsable = 0
-    for path in stdlib_files():
-        if flt.full:
-            return
-        data = path.read_bytes()
-        rel = path.relative_to(root).as_posix()
-        flt.report.add_file(path, data, root=root)
+    for path, data, rel, split_key in _stdlib_sources(flt):
         try:
             tree = ast.parse(data, filename=str(path))
         except (SyntaxError, ValueError):
             unparsable += 1
             continue
-        text = "\n\n".join(_docstrings(tree))
-        flt.add(text, f"docstrings:{rel}", split_key=f"stdlib:{rel}")
+        flt.add("\n\n".join(_docstrings(tree)), f"docstrings:{rel}", split_key=split_key)
     if unparsable:
         flt.report.skipped["unparsable"] += unparsable
 

@@ -361,11 +361,8 @@ def meta_param_count(config: Any) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from downscale.models import count_params
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    seen, n = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
+    return count_params(model)

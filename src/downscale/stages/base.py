@@ -29,10 +29,7 @@ def run(ctx: StageContext) -> dict:
     from downscale import models
 
     cfg = ctx.cfg
-    models.quiet_transformers()
-    models.configure_threads(cfg.run.threads)
-    device = models.resolve_device(cfg.run.device)
-    amp = models.autocast_dtype(cfg.run.precision, device)
+    device, amp = models.setup_runtime(cfg.run)
     meta = data_meta(ctx.run_dir)
     if cfg.base.name_or_path:
         model, summary = _import(ctx, device, amp)

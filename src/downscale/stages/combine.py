@@ -31,14 +31,10 @@ def run(ctx: StageContext, **_: object) -> dict:
     from downscale import models, routing
     from downscale.ensemble import EnsembleError, EnsembleModel, check_weights
     from downscale.ensemble_io import check_students, write_ensemble
-    from downscale.models import quiet_transformers
 
     cfg, ccfg, run_dir = ctx.cfg, ctx.cfg.combine, ctx.run_dir
     source = cfg._source
-    quiet_transformers()
-    models.configure_threads(cfg.run.threads)
-    device = models.resolve_device(cfg.run.device)
-    amp = models.autocast_dtype(cfg.run.precision, device)
+    device, amp = models.setup_runtime(cfg.run)
     shards = data_meta(run_dir)["shards"]
     n = len(shards)
     folders = [run_dir / ccfg.source / str(i) for i in range(n)]

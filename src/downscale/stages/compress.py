@@ -141,12 +141,7 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
         if len(open_split(run_dir, s, "train")) == 0:
             raise StageError(f"{run_dir / 'data' / s}: compress.calibration: shard {s!r} has no train blocks")
 
-    models.quiet_transformers()
-    models.configure_threads(cfg.run.threads)
-    device = models.resolve_device(cfg.run.device)
-    amp = models.autocast_dtype(cfg.run.precision, device)
-    if device.type == "cpu":
-        models.tune_cpu_allocator()
+    device, amp = models.setup_runtime(cfg.run, tune_allocator=True)
     dtype = _load_dtype(cfg.base.dtype, device)
     t_load = time.time()
     base = models.load_causal_lm(base_dir, dtype=dtype, device=device, trust_remote_code=cfg.base.trust_remote_code)

@@ -35,10 +35,7 @@ def run(ctx: StageContext) -> dict:
     from downscale import models, report
 
     cfg, ecfg = ctx.cfg, ctx.cfg.evaluate
-    models.quiet_transformers()
-    models.configure_threads(cfg.run.threads)
-    device = models.resolve_device(cfg.run.device)
-    amp = models.autocast_dtype(cfg.run.precision, device)
+    device, amp = models.setup_runtime(cfg.run)
     run_dir = ctx.run_dir
     meta = data_meta(run_dir)
     shards = meta["shards"]

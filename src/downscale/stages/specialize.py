@@ -94,12 +94,7 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
 
     cfg, scfg = ctx.cfg, ctx.cfg.specialize
     tcfg = scfg.train
-    models.quiet_transformers()
-    models.configure_threads(cfg.run.threads)
-    device = models.resolve_device(cfg.run.device)
-    amp = models.autocast_dtype(cfg.run.precision, device)
-    if device.type == "cpu":
-        models.tune_cpu_allocator()
+    device, amp = models.setup_runtime(cfg.run, tune_allocator=True)
     run_dir = ctx.run_dir
     shard = shards[i]
     student_dir, base_dir = run_dir / "students" / str(i), run_dir / "base"
@@ -299,10 +294,7 @@ def build_caches(cfg: Any, student: int | None = None, log=None) -> list[str]:
         wanted = list(shards)
     else:
         wanted = [shards[student]] + ([s for s in shards if s != shards[student]] if scfg.replay_fraction > 0 else [])
-    models.quiet_transformers()
-    models.configure_threads(cfg.run.threads)
-    device = models.resolve_device(cfg.run.device)
-    amp = models.autocast_dtype(cfg.run.precision, device)
+    device, amp = models.setup_runtime(cfg.run)
     teacher = load_teacher(run_dir / "base", scfg, device, amp)
     ctx = StageContext(cfg=cfg, run_dir=run_dir, staging=run_dir / ".staging" / "cache", stage=STAGE, log=log)
     for shard in wanted:
