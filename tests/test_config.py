@@ -112,6 +112,29 @@ def test_section_hash_tracks_only_named_parts(tmp_path: Path) -> None:
     assert a.section_hash("base") != b.section_hash("base")
 
 
+def test_setup_runtime_applies_the_run_section(tmp_path: Path) -> None:
+    """Every stage starts with models.setup_runtime(cfg.run): threads, TF32 on CUDA (a global flag, read by CUDA
+    kernels only), device and autocast dtype from the config."""
+    import torch
+
+    from downscale import models
+
+    threads, tf32 = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32
+    try:
+        cfg = load_config(write(tmp_path, MINIMAL), ["run.device=cpu", "run.precision=fp32", "run.threads=1",
+                                                     "run.tf32=false"])
+        assert models.setup_runtime(cfg.run) == (torch.device("cpu"), None)
+        assert torch.get_num_threads() == 1 and torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cudnn.allow_tf32 is False
+        cfg = load_config(write(tmp_path, MINIMAL), ["run.device=cpu", "run.precision=bf16"])
+        assert cfg.run.tf32 is True  # the default
+        assert models.setup_runtime(cfg.run) == (torch.device("cpu"), torch.bfloat16)
+        assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def test_every_field_is_documented() -> None:
     undocumented = [key for key, _, _, desc in config_field_docs() if not desc and not key.startswith(
         ("base.init.", "compress.shape."))]

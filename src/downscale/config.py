@@ -55,6 +55,10 @@ class RunConfig(_Section):
         "auto", description="Autocast precision for training and evaluation; auto: bf16 where supported, else fp32."
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's own choice.")
+    tf32: bool = Field(
+        True, description="On CUDA, fp32 matmuls (fp32 training; the fp32 LM-head products of scoring) use TF32 "
+        "tensor cores; false keeps full fp32. No effect on CPU."
+    )
 
 
 # --------------------------------------------------------------------------- data
