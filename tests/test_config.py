@@ -157,3 +157,24 @@ def test_config_reference_doc_is_current() -> None:
     doc = (ROOT / "docs" / "CONFIG.md").read_text()
     assert doc == config_reference_markdown(), "docs/CONFIG.md is stale: run python scripts/config_reference.py"
     assert "`specialize.kd_ratio`" in doc and "`data.sources[].kind`" in doc
+
+
+def test_each_launched_process_gets_its_own_gpu(monkeypatch) -> None:
+    """Under accelerate launch / torchrun (LOCAL_RANK) with several GPUs, rank k loads its models on cuda:k (made
+    current) rather than all on GPU 0; one visible GPU (a job per GPU) or no launcher: plain cuda."""
+    import torch
+
+    from downscale import models
+
+    current: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert models.resolve_device("auto") == torch.device("cuda", 2) and current == [2]
+    assert models.resolve_device("cpu") == torch.device("cpu") and current == [2]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert models.resolve_device("cuda") == torch.device("cuda") and current == [2]
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert models.resolve_device("auto") == torch.device("cuda") and current == [2]

@@ -89,6 +89,11 @@ def test_fast_path_equals_sequential(arch, mode, monkeypatch):
 
     if mode == "prob_mean":  # the fast path's MLP over several row blocks (16 rows each), as on a CPU at scale
         monkeypatch.setattr(fastpath, "CPU_BLOCK_BYTES", 1)
+    if mode in ("routed", "weighted"):  # masked GQA with the KV heads repeated before SDPA, as on CUDA
+        monkeypatch.setattr(fastpath, "EXPAND_KV_FOR_MASK_ON", ("cpu",))
+    calls: list[int] = []
+    real_rep = torch.Tensor.repeat_interleave
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", lambda t, *a, **k: calls.append(1) or real_rep(t, *a, **k))
     students = _students(arch, n=3, hidden=32, heads=4, kv_heads=2)
     ids = _ids(B=3, T=20)
     mask = torch.ones_like(ids)
@@ -98,7 +103,9 @@ def test_fast_path_equals_sequential(arch, mode, monkeypatch):
     ens = _ens(students, mode, prior=[0.2, 0.5, 0.3], chunk_bytes=4 * 3 * 3 * V * 6, router_prefix=9)
     assert ens.uses_fast_path, ens.fallback_reason
     fast = ens(ids).logits
+    assert calls == []  # no mask: SDPA's own GQA
     fast_pad = ens(ids, attention_mask=mask).logits
+    assert bool(calls) == (mode in ("routed", "weighted"))  # K and V repeated in each layer where asked
     ens.fast = False
     slow = ens(ids).logits
     slow_pad = ens(ids, attention_mask=mask).logits

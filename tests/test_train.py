@@ -230,3 +230,59 @@ def test_block_nll_runs_the_whole_model_when_the_head_cannot_be_split() -> None:
     assert models.split_head(model) is None
     assert models.block_nll(model, ids, torch.device("cpu"))[0] == pytest.approx(_full_logits_nll(model, ids),
                                                                                  rel=1e-6)
+
+
+def _fp16_fit(tmp_path, init_scale: float):
+    """fit under fp16 with a GradScaler, as accelerate sets it up on CUDA; here on the CPU (fp16 autocast), with
+    a scale so large that the first steps' scaled gradients overflow."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from downscale.config import TrainConfig
+
+    cfg = fake_data_run(tmp_path)
+    AcceleratorState._reset_state(reset_partial_state=True)  # as make_accelerator does between models
+    GradientState._reset_state()
+    acc = Accelerator(mixed_precision="fp16", cpu=True)  # accelerate gives no scaler on a CPU: add torch's
+    acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=init_scale), True
+    model = tiny_model(vocab_size=300).train()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logs: list[str] = []
+    tcfg = TrainConfig(max_steps=10, batch_size=4, save_every=100, max_grad_norm=1.0)
+    res = train.fit(model, cfg=tcfg, sampler=train.BlockSampler([open_split(cfg.run_dir, "code", "train")], 4, seed=0),
+                    loss_fn=train.causal_lm_loss, work_dir=tmp_path / "w", accelerator=acc, log=logs.append,
+                    config_hash="h")
+    return model, start, res, logs, acc
+
+
+def test_fp16_overflow_skips_the_step_instead_of_calling_it_divergence(tmp_path) -> None:
+    """With fp16's GradScaler an overflowing step is normal (the scaler skips it and lowers its scale); fit goes on
+    instead of raising TrainingDiverged, and the weights train once the scale fits."""
+    model, start, res, logs, acc = _fp16_fit(tmp_path, 2.0**22)
+    skipped = [m for m in logs if "fp16 gradients overflowed" in m]
+    assert skipped and skipped[0].startswith("[train] step 1:") and res.steps == 10
+    assert acc.scaler.get_scale() < 2.0**22
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(not torch.equal(start[n], p) for n, p in model.named_parameters())
+
+
+def test_fp16_overflow_in_every_step_is_divergence(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(train, "MAX_SKIPPED_STEPS", 2)
+    with pytest.raises(train.TrainingDiverged, match=r"at step 2 .*2 fp16 steps in a row overflowed"):
+        _fp16_fit(tmp_path, 2.0**22)
+
+
+def test_process_group_timeout_is_long_and_settable(monkeypatch) -> None:
+    """Ranks wait at a barrier while rank 0 builds a teacher cache (hours at 8B): the collectives' timeout is 4 h by
+    default (NCCL's own is 10 min), DOWNSCALE_DIST_TIMEOUT_S sets it, a bad value is one clear line."""
+    monkeypatch.delenv("DOWNSCALE_DIST_TIMEOUT_S", raising=False)
+    assert train._process_group_timeout().timeout.total_seconds() == 4 * 3600
+    monkeypatch.setenv("DOWNSCALE_DIST_TIMEOUT_S", "90")
+    assert train._process_group_timeout().timeout.total_seconds() == 90
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv("DOWNSCALE_DIST_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="DOWNSCALE_DIST_TIMEOUT_S: expected a positive number"):
+            train._process_group_timeout()
+    monkeypatch.delenv("DOWNSCALE_DIST_TIMEOUT_S")
+    acc = train.make_accelerator(torch.device("cpu"), None)  # the handler is accepted (used when launched)
+    assert acc.num_processes == 1

@@ -40,6 +40,10 @@ _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 _ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
 # On a CPU the MLP runs over row blocks with an [n, rows, 2 I] intermediate of about this size (cache-sized).
 CPU_BLOCK_BYTES = 12 * 2**20
+# Devices on which a masked grouped-query attention repeats the KV heads before SDPA: on CUDA, flash attention
+# takes no mask and the memory-efficient kernel no GQA, so a masked GQA call would fall back to the math kernel
+# (an [n B, H, q, S] score tensor per layer); transformers repeats the heads there too. (Tests add "cpu".)
+EXPAND_KV_FOR_MASK_ON: tuple[str, ...] = ("cuda",)
 
 
 def _field(config, name: str):
@@ -232,8 +236,12 @@ class StackedStudents:
             if cache is not None:
                 ks, vs = cache.update(li, ks, vs)
             # grouped-query attention (H / Hkv query heads per KV head) inside SDPA, as transformers does
+            gqa = H != Hkv
+            if gqa and attn_mask is not None and ks.device.type in EXPAND_KV_FOR_MASK_ON:
+                ks, vs = ks.repeat_interleave(H // Hkv, dim=1), vs.repeat_interleave(H // Hkv, dim=1)
+                gqa = False
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, is_causal=is_causal,
-                                               scale=self.scaling, enable_gqa=H != Hkv)  # [n*B, H, q, hd]
+                                               scale=self.scaling, enable_gqa=gqa)  # [n*B, H, q, hd]
             o = o.transpose(1, 2).reshape(n, B * q, H * hd)
             x = x + self._linear(o, layer["o"], layer["o.bias"])  # x is now this function's own: in place below
             # the MLP is position-wise: on a CPU it runs over row blocks whose [n, rows, 2 I] intermediate

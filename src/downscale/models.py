@@ -27,11 +27,23 @@ SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda if available, else cpu. Asking for cuda without one is an error."""
+    """``auto`` -> cuda if available, else cpu. Asking for cuda without one is an error.
+
+    Under a launcher (``accelerate launch`` / ``torchrun`` set ``LOCAL_RANK``) with several visible GPUs, each
+    process gets its own, ``cuda:<LOCAL_RANK>``, made the current device before any model is loaded (accelerate
+    would do it only when the Accelerator is built, after the stages have loaded their models, so every rank
+    would put its teacher and student on GPU 0). One visible GPU per process (``CUDA_VISIBLE_DEVICES`` set per
+    job, as ``scripts/launch_students.sh`` does): ``cuda``, that GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device is 'cuda' but torch sees no CUDA device")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("run.device is 'cuda' but torch sees no CUDA device")
+        local, count = os.environ.get("LOCAL_RANK"), torch.cuda.device_count()
+        if local is not None and count > 1:
+            index = int(local) % count
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
     return torch.device(name)
 
 

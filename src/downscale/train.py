@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +38,10 @@ CKPT_PREFIX = "step-"
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+# With fp16's GradScaler, this many overflowing (skipped) steps in a row count as divergence.
+MAX_SKIPPED_STEPS = 20
 
 
 # --------------------------------------------------------------------------- data order
@@ -126,15 +131,19 @@ def lr_at(step: int, cfg: Any) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on norms, biases and other 1-D tensors."""
+def make_optimizer(model: torch.nn.Module, cfg: Any, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on norms, biases and other 1-D tensors.
+    ``fused``: torch's fused CUDA kernel (one launch for all parameters; fit uses it on CUDA unless the model
+    will be sharded by FSDP); otherwise one parameter at a time on a CPU (measured faster there than foreach) and
+    torch's default (foreach) on CUDA."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas),
-                             foreach=False)
+    on_cpu = all(p.device.type == "cpu" for g in groups for p in g["params"])
+    kind = {"fused": True} if fused else {"foreach": False} if on_cpu else {}
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), **kind)
 
 
 # --------------------------------------------------------------------------- checkpoints (no pickle)
@@ -292,7 +301,12 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
         raise ValueError(f"sampler batch {sampler.global_batch} != batch_size x grad_accum x world "
                          f"({micro} x {cfg.grad_accum} x {world})")
 
-    optimizer = make_optimizer(model, cfg)
+    fsdp = "FSDP" in str(getattr(accelerator, "distributed_type", ""))
+    optimizer = make_optimizer(model, cfg, fused=accelerator.device.type == "cuda" and not fsdp)
+    # fp16 (CUDA only): the GradScaler skips steps whose scaled gradients overflowed (normal while it finds its
+    # scale); such a step is not divergence unless it keeps happening
+    scaler = getattr(accelerator, "scaler", None)
+    skipped_in_a_row = 0
     start, tokens, resumed_from, history = 0, 0, None, []
     ckpts = list_checkpoints(ckpt_root)
     resume = None
@@ -316,6 +330,8 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
     if accelerator.is_main_process:
         _trim_metrics(metrics_path, start)
     device = accelerator.device
+    if device.type == "cuda":  # this run's peak, not the one of whatever ran before in the process
+        torch.cuda.reset_peak_memory_stats(device)
 
     tokens_per_step = sampler.global_batch * sampler.sources[0].shape[1]
     bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
@@ -346,14 +362,24 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
         grad_norm = None
         if cfg.max_grad_norm is not None:
             grad_norm = float(accelerator.clip_grad_norm_(model_p.parameters(), cfg.max_grad_norm))
-        bad = not math.isfinite(step_stats["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm))
+        bad_grad = grad_norm is not None and not math.isfinite(grad_norm)
+        bad = not math.isfinite(step_stats["loss"]) or (bad_grad and (scaler is None
+                                                                       or skipped_in_a_row + 1 >= MAX_SKIPPED_STEPS))
         if bad:
             bar.close()
             raise TrainingDiverged(
                 f"{desc}: loss or gradient norm is not finite at step {step + 1} (loss {step_stats['loss']}, "
                 f"grad norm {grad_norm}); the last good checkpoint (step {last_good}) is kept in {ckpt_root}; "
-                f"lower the learning rate or enable clipping")
+                f"lower the learning rate or enable clipping" + (
+                    f" ({MAX_SKIPPED_STEPS} fp16 steps in a row overflowed)" if bad_grad and scaler is not None
+                    else ""))
         optimizer_p.step()
+        if scaler is not None and bad_grad:  # GradScaler.step skipped it and lowered the scale
+            skipped_in_a_row += 1
+            log(f"[{desc}] step {step + 1}: fp16 gradients overflowed; step skipped, loss scale lowered to "
+                f"{scaler.get_scale():g}")
+        else:
+            skipped_in_a_row = 0
         optimizer_p.zero_grad(set_to_none=True)
         done = step + 1
         tokens += tokens_per_step
@@ -449,7 +475,8 @@ def make_accelerator(device: torch.device, amp_dtype: torch.dtype | None, report
         # accelerate keeps one global state, so reset it between them. Never under a launcher.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    kwargs: dict[str, Any] = {"mixed_precision": mp, "cpu": device.type == "cpu"}
+    kwargs: dict[str, Any] = {"mixed_precision": mp, "cpu": device.type == "cpu",
+                              "kwargs_handlers": [_process_group_timeout()]}
     if report_to != "none":
         kwargs.update(log_with=report_to, project_dir=str(project_dir) if project_dir else None)
     accelerator = Accelerator(**kwargs)
@@ -457,6 +484,25 @@ def make_accelerator(device: torch.device, amp_dtype: torch.dtype | None, report
         # tensorboard: event files under <project_dir>/<run_name>/; wandb: a run of that name
         accelerator.init_trackers(run_name or "downscale", config=_flat(tracker_config or {}))
     return accelerator
+
+
+def _process_group_timeout():
+    """The collectives' timeout under a launcher: ``DOWNSCALE_DIST_TIMEOUT_S`` seconds (default 4 hours). NCCL's
+    own default, 10 minutes, would abort a job whose rank 0 builds the 8B teacher's cache of a shard (hours)
+    while the other ranks wait at the barrier after it; building the caches first with
+    ``downscale specialize CONFIG --cache-only`` avoids the wait altogether."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    raw = os.environ.get("DOWNSCALE_DIST_TIMEOUT_S", "14400")
+    try:
+        seconds = float(raw)
+        if not seconds > 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"DOWNSCALE_DIST_TIMEOUT_S: expected a positive number of seconds; got {raw!r}") from None
+    return InitProcessGroupKwargs(timeout=timedelta(seconds=seconds))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
