@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from downscale import pipeline
+from downscale import models, pipeline
 from downscale._io import read_json, write_json_atomic
 from downscale.config import ExperimentConfig
 from downscale.data.blocks import open_split
@@ -80,6 +80,11 @@ def test_combine_writes_a_loadable_ensemble(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, again(ids).logits, atol=1e-5, rtol=0)
         text = loaded.generate_text(["license warranty", "def return"], max_new_tokens=8)
         assert len(text) == 2 and all(isinstance(t, str) and t for t in text), (mode, text)
+    # students already in memory (the evaluate stage's) are used, not loaded again; the others are loaded
+    mine = models.load_causal_lm(run / "specialized" / "1")
+    reuse = load_ensemble(run / "ensemble", loaded={run / "specialized" / "1": mine})
+    assert reuse.students[1] is mine and reuse.students[0] is not mine
+    torch.testing.assert_close(reuse(ids).logits, ens(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_combine_rejects_students_with_another_vocabulary(tmp_path):

@@ -393,3 +393,37 @@ def test_sequential_path_applies_each_head_chunk_by_chunk(mode, monkeypatch):
     monkeypatch.setattr(ensemble_mod, "split_head", lambda s: None if s is students[2] else real(s))
     torch.testing.assert_close(ens(ids).logits, ref, atol=2e-5, rtol=0)
     assert sorted(seen)[-1] == 20 and sum(seen) == 3 * 20
+
+
+@torch.no_grad()
+def test_stacked_heads_are_cast_once_under_autocast_and_recast_when_changed():
+    """Under bf16 autocast the stacked heads (not parameters, so outside autocast's cast cache) are cast once and
+    reused by every chunk, giving the same logits as autocast's own cast; an in-place change of a student's head
+    (the stack's storage) is seen."""
+    from downscale.fastpath import StackedStudents
+
+    students = _students(n=2)
+    stack = StackedStudents(students)
+    h = torch.randn(2, 5, students[0].config.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = stack._head("cpu")
+        assert first.dtype == torch.bfloat16 and stack._head("cpu") is first  # cached
+        got = stack.logits(h)
+        ref = torch.bmm(h, stack.head_vnd.permute(1, 2, 0))  # autocast casts both operands itself
+        assert torch.equal(got, ref)
+        torch.testing.assert_close(stack.mean_logits(h).float(), ref.float().mean(0), atol=0.05, rtol=0.02)
+        students[1].lm_head.weight.mul_(2.0)  # tied: the stack's storage, in place
+        second = stack._head("cpu")
+        assert second is not first and torch.equal(second[:, 1], (stack.head_vnd[:, 1]).to(torch.bfloat16))
+        stack.head_vnd[:, 0].mul_(3.0)  # through the stack itself
+        assert torch.equal(stack._head("cpu")[:, 0], stack.head_vnd[:, 0].to(torch.bfloat16))
+    assert stack._head("cpu") is stack.head_vnd  # no autocast: the fp32 stack itself
+
+
+def test_chunk_bytes_default_follows_the_device():
+    from downscale.ensemble import DEFAULT_CHUNK_BYTES
+
+    ens = _ens(_students(n=2), "prob_mean")
+    assert ens.chunk_bytes == DEFAULT_CHUNK_BYTES  # on the CPU
+    ens.chunk_bytes = 1234
+    assert ens.chunk_bytes == 1234

@@ -47,6 +47,9 @@ from downscale.pipeline import StageError
 MODES = ("logit_mean", "prob_mean", "routed", "weighted")
 # Per chunk of positions the combination holds about this many bytes of per-student fp32 scores.
 DEFAULT_CHUNK_BYTES = 16 * 2**20  # measured best of 1-512 MiB on CPU (n=8, V=8192)
+# On a GPU: 16 MiB would be 1 position per chunk for 8 students x 4 rows at a 128k vocabulary, each chunk a
+# few-row matmul reading every student's whole head (launch- and bandwidth-bound); 1 GiB gives ~64 positions.
+DEFAULT_CHUNK_BYTES_GPU = 2**30
 
 
 class EnsembleError(StageError, ValueError):
@@ -107,7 +110,8 @@ class EnsembleModel(torch.nn.Module):
         with ``distances(texts) -> [N, n]``; tokenizer: decodes prefixes for the cluster router and
         text for ``generate_text``.
         fast: use the stacked fast path when the students share one shape.
-        chunk_bytes: size of the per-chunk score buffer of the combination.
+        chunk_bytes: size of the per-chunk score buffer of the combination; None: ``DEFAULT_CHUNK_BYTES`` on a
+        CPU, ``DEFAULT_CHUNK_BYTES_GPU`` elsewhere.
     """
 
     def __init__(self, students: list, mode: str = "logit_mean", weights: list[float] | None = None,
@@ -115,7 +119,7 @@ class EnsembleModel(torch.nn.Module):
                  router_temperature: float = 1.0, router_top_k: int | None = None,
                  cluster_dir: str | Path | None = None, clusterer: Any = None, tokenizer: Any = None,
                  fast: bool = True,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 chunk_bytes: int | None = None):
         super().__init__()
         if not students:
             raise EnsembleError("an ensemble needs at least one student")
@@ -139,7 +143,7 @@ class EnsembleModel(torch.nn.Module):
         self.router_temperature, self.top_k = float(router_temperature), router_top_k
         self.cluster_dir, self.clusterer, self.tokenizer = cluster_dir, clusterer, tokenizer
         self._cluster: routing.ClusterRouter | None = None
-        self.chunk_bytes = int(chunk_bytes)
+        self._chunk_bytes = None if chunk_bytes is None else int(chunk_bytes)
         self.fast = bool(fast)
         self.stack_reason = stack_incompatibility(list(students))  # None: the students can be stacked
         self._stack: StackedStudents | None = None
@@ -162,6 +166,17 @@ class EnsembleModel(torch.nn.Module):
         if mode == "routed" and self.router == "cluster" and self.cluster_dir is None and self.clusterer is None:
             raise EnsembleError("router 'cluster' needs the clusterer (cluster_dir)")
         self._mode = mode
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes of per-student fp32 scores per chunk of positions (see ``__init__``)."""
+        if self._chunk_bytes is not None:
+            return self._chunk_bytes
+        return DEFAULT_CHUNK_BYTES if self.device.type == "cpu" else DEFAULT_CHUNK_BYTES_GPU
+
+    @chunk_bytes.setter
+    def chunk_bytes(self, value: int | None) -> None:
+        self._chunk_bytes = None if value is None else int(value)
 
     @property
     def device(self) -> torch.device:
@@ -333,16 +348,16 @@ class EnsembleModel(torch.nn.Module):
         tokens predicted, computed chunk by chunk: the [B, T, V] scores never exist at once (what evaluation
         needs at a 128k vocabulary)."""
         input_ids = input_ids.to(self.device)
-        total, count = 0.0, 0
+        total, count = torch.zeros((), dtype=torch.float64, device=input_ids.device), 0  # read once, at the end
         chunks, _ = self._combined_chunks(input_ids, None, None, False, 0)
         for t0, t1, combined in chunks:
             stop = min(t1, input_ids.shape[1] - 1)  # position t predicts token t + 1
             if stop <= t0:
                 continue
             logp = torch.log_softmax(combined[:, :stop - t0].float(), dim=-1)
-            total += float(-logp.gather(-1, input_ids[:, t0 + 1:stop + 1, None]).sum())
+            total -= logp.gather(-1, input_ids[:, t0 + 1:stop + 1, None]).sum().double()
             count += input_ids.shape[0] * (stop - t0)
-        return total, count
+        return float(total), count
 
     def _combined_chunks(self, input_ids, attention_mask, cache, use_cache, keep_from):
         """(chunk generator of (t0, t1, combined scores [B, t1 - t0, V]), the new cache, filled as the
@@ -513,9 +528,11 @@ def _pick(scores: torch.Tensor, do_sample: bool, temperature: float, top_k: int 
 
 
 def load_ensemble(path: str | Path, mode: str | None = None, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, fast: bool | None = None) -> EnsembleModel:
+                  dtype: torch.dtype = torch.float32, fast: bool | None = None,
+                  loaded: dict[Path, torch.nn.Module] | None = None) -> EnsembleModel:
     """Load ``<run>/ensemble`` (or its ``ensemble.json``) as an EnsembleModel in ``mode`` (default: the
-    saved default mode), with the students in ``dtype`` on ``device``. Raises EnsembleError (one line)."""
+    saved default mode), with the students in ``dtype`` on ``device`` (``loaded``: folder -> a student already
+    in memory, used as it is). Raises EnsembleError (one line)."""
     from downscale.ensemble_io import load_ensemble as _load
 
-    return _load(path, mode=mode, device=device, dtype=dtype, fast=fast)
+    return _load(path, mode=mode, device=device, dtype=dtype, fast=fast, loaded=loaded)

@@ -165,8 +165,12 @@ def student_folders(spec: dict, run_dir: Path) -> list[Path]:
 
 
 def load_ensemble(path: str | Path, mode: str | None = None, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, fast: bool | None = None) -> EnsembleModel:
-    """Load a saved ensemble (see the module docs). ``fast``: None follows the saved ``fast_path``."""
+                  dtype: torch.dtype = torch.float32, fast: bool | None = None,
+                  loaded: dict[Path, torch.nn.Module] | None = None) -> EnsembleModel:
+    """Load a saved ensemble (see the module docs). ``fast``: None follows the saved ``fast_path``. ``loaded``:
+    students already in memory (folder -> model, in ``dtype`` on ``device``), used instead of a second copy (the
+    evaluate stage holds the specialized students already: n more 1B students in fp32 would be ~4n GB); the fast
+    path then stacks their weights in place (they stay usable one by one)."""
     from transformers import AutoTokenizer
 
     from downscale import models
@@ -190,7 +194,8 @@ def load_ensemble(path: str | Path, mode: str | None = None, device: str | torch
     cluster_dir = ens_dir / router["cluster_dir"] if router.get("cluster_dir") else None
     if mode == "routed" and router.get("kind") == "cluster" and (cluster_dir is None or not cluster_dir.exists()):
         raise EnsembleError(f"{file}: router.cluster_dir: the clusterer folder is missing")
-    students = [models.load_causal_lm(f, dtype=dtype, device=device) for f in folders]
+    have = {Path(k).resolve(): m for k, m in (loaded or {}).items()}
+    students = [have.get(f.resolve()) or models.load_causal_lm(f, dtype=dtype, device=device) for f in folders]
     for s in students:
         s.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))

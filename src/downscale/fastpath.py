@@ -171,7 +171,9 @@ class StackedStudents:
             # The output heads as one [V, n, d] tensor: per-student logits are a strided bmm, and the mean
             # of the students' logits is ONE matmul [N, n d] x [n d, V] (no n-fold [N, V] logits).
             self.head_vnd = _stack_vnd(heads)
+            self._head_params = heads
             self.embed = None if self.tied else _stack([embeds])  # [n, V, d]; tied: the head is the embedding
+        self._head_cast: tuple[tuple, torch.Tensor] | None = None  # ((dtype, version), head_vnd in that dtype)
 
     # ------------------------------------------------------------------ pieces
 
@@ -255,15 +257,31 @@ class StackedStudents:
             cache.advance(q)
         return self._rms(x, self.norm).view(n, B, q, -1)
 
+    def _head(self, device_type: str) -> torch.Tensor:
+        """The stacked heads [V, n, d] in the dtype autocast would cast them to, cast once and kept (while the heads
+        are unchanged): autocast caches casts of parameters only, and this stack is not one, so each chunk's
+        product would otherwise copy every student's head again (at a 128k vocabulary, GBs per chunk)."""
+        if not torch.is_autocast_enabled(device_type):
+            return self.head_vnd
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype == self.head_vnd.dtype or not self.head_vnd.is_floating_point():
+            return self.head_vnd
+        # in-place changes through the stack or through a student's own head parameter (its version counter is the
+        # parameter's, not the stack's) both make a new cast
+        key = (dtype, self.head_vnd._version, tuple(p._version for p in self._head_params))
+        if self._head_cast is None or self._head_cast[0] != key:
+            self._head_cast = (key, self.head_vnd.to(dtype))
+        return self._head_cast[1]
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Each student's logits: h [n, N, d] -> [n, N, V]."""
-        return torch.bmm(h, self.head_vnd.permute(1, 2, 0))
+        return torch.bmm(h, self._head(h.device.type).permute(1, 2, 0))
 
     def mean_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The mean of the students' logits, h [n, N, d] -> [N, V], as one matmul over the concatenated
         hidden states: sum_i h_i W_i^T = [h_1 .. h_n] [W_1 .. W_n]^T."""
         n, N, d = h.shape
-        return torch.matmul(h.transpose(0, 1).reshape(N, n * d), self.head_vnd.view(-1, n * d).t()) / n
+        return torch.matmul(h.transpose(0, 1).reshape(N, n * d), self._head(h.device.type).view(-1, n * d).t()) / n
 
 
 def _repoint(params: list[torch.Tensor], views: list[torch.Tensor]) -> None:

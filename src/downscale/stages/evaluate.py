@@ -70,7 +70,9 @@ def run(ctx: StageContext) -> dict:
     ens_meta = read_json(ens_json)
     from downscale.ensemble import load_ensemble
 
-    ens = load_ensemble(run_dir / "ensemble", device=device, dtype=torch.float32)
+    # the ensemble's students are (by default) the specialized ones just scored: reused, not loaded a second time
+    ens = load_ensemble(run_dir / "ensemble", device=device, dtype=torch.float32,
+                        loaded={run_dir / "specialized" / str(i): m for i, m in enumerate(specialized)})
     ens_params = _ensemble_params(ens, specialized)
     for mode in ens_meta["modes"]:
         ens.mode = mode
