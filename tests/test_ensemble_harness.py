@@ -34,9 +34,16 @@ def test_registered_under_its_name():
     assert get_model("downscale-ensemble") is EnsembleLM
 
 
-def test_loglikelihood_matches_the_ensemble(lm):
+def test_loglikelihood_matches_the_ensemble(lm, monkeypatch):
     pairs = [("license warranty", " software shall"), ("def return", " import"), ("the", " notice party rights")]
+    shapes = []
+    real = lm.ens.forward
+    monkeypatch.setattr(lm.ens, "forward", lambda ids, **kw: shapes.append((ids.shape[1], kw.get("logits_to_keep")))
+                        or real(ids, **kw))
     got = lm.loglikelihood([_req("loglikelihood", p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+    (width, keep), = shapes  # one batch; scores only for the positions that predict a continuation
+    assert 0 < keep < width, shapes
+    monkeypatch.undo()
     for (ctx, cont), (score, greedy) in zip(pairs, got, strict=True):
         c, w = lm.tok_encode(ctx), lm.tok_encode(ctx + cont)
         ids = torch.tensor([w])

@@ -103,11 +103,16 @@ if HAVE_LM_EVAL:
                                    device=self.device)  # right-padded inputs
                 mask = torch.tensor([[1] * (len(whole) - 1) + [0] * (width + 1 - len(whole)) for _, whole, _ in batch],
                                     device=self.device)
-                logp = torch.log_softmax(self.ens(ids, attention_mask=mask).logits.float(), dim=-1)  # [b, T, V]
+                # only the positions that predict some row's continuation: [b, keep, V] scores, not [b, T, V]
+                # (at a 128k vocabulary a 4k-token row's fp32 scores are 2 GB, twice with their log-softmax)
+                keep = width - min(len(whole) - 1 - n_cont for _, whole, n_cont in batch)
+                scores = self.ens(ids, attention_mask=mask, logits_to_keep=keep).logits  # [b, keep, V]
+                off = width - keep
                 for row, (j, whole, n_cont) in enumerate(batch):
                     end = len(whole) - 1  # position end - 1 predicts the last token
                     targets = torch.tensor(whole[end + 1 - n_cont:], device=self.device)
-                    span = logp[row, end - n_cont:end]  # the positions that predict the continuation
+                    # the positions that predict the continuation, log-softmaxed for this row's span only
+                    span = torch.log_softmax(scores[row, end - n_cont - off:end - off].float(), dim=-1)
                     score = float(span.gather(-1, targets[:, None]).sum())
                     greedy = bool((span.argmax(-1) == targets).all())
                     results[j] = (score, greedy)
