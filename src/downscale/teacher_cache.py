@@ -195,14 +195,15 @@ def build_teacher_cache(teacher_model: torch.nn.Module, blocks: np.ndarray, out_
                         rest = torch.logsumexp(logp.scatter_(1, idx, float("-inf")), dim=-1)
                     else:
                         rest = torch.full((logp.shape[0],), float("-inf"), device=logp.device)
-                    top_ids.append(idx.cpu())
-                    top_lp.append(vals.cpu())
-                    tail.append(rest.cpu())
+                    top_ids.append(idx)  # kept on the device: one copy to the host per batch, not per chunk
+                    top_lp.append(vals)
+                    tail.append(rest)
             b = end - start
-            arrays["ids"][start:end] = torch.cat(top_ids).numpy().astype(dtypes["ids"]).reshape(b, positions, top_k)
-            arrays["logprobs"][start:end] = torch.cat(top_lp).numpy().astype(logprob_dtype).reshape(
+            arrays["ids"][start:end] = torch.cat(top_ids).cpu().numpy().astype(dtypes["ids"]).reshape(
                 b, positions, top_k)
-            arrays["tail"][start:end] = torch.cat(tail).numpy().reshape(b, positions)
+            arrays["logprobs"][start:end] = torch.cat(top_lp).cpu().numpy().astype(logprob_dtype).reshape(
+                b, positions, top_k)
+            arrays["tail"][start:end] = torch.cat(tail).cpu().numpy().reshape(b, positions)
             for arr in arrays.values():
                 arr.flush()
             write_json_atomic(part / "meta.json", {**settings, "blocks_done": end, "complete": False})

@@ -97,10 +97,13 @@ def magnitude_scores(model) -> Scores:
 
 
 class _Hooks:
-    """Forward hooks that collect activation scores and norm input statistics."""
+    """Forward hooks that collect activation scores and norm input statistics. They sum on the model's device
+    (float64) and ``flush`` adds the sums to the scores once, at the end: no device-to-host copy per layer and
+    batch (on a GPU each would stop the host from queueing the next kernels)."""
 
     def __init__(self, model, scores: Scores):
         self.scores, self.handles = scores, []
+        self.acc: dict[tuple, torch.Tensor] = {}
         hd = _head_dim(model)
         self.ms = torch.zeros(2 * model.config.num_hidden_layers + 1, model.config.hidden_size, dtype=torch.float64)
         for i, layer in enumerate(decoder_layers(model)):
@@ -110,17 +113,36 @@ class _Hooks:
         for row, norm in enumerate(norm_modules(model)):
             self.handles.append(norm.register_forward_hook(self._norm(row)))
 
+    def _add(self, key: tuple, value: torch.Tensor) -> None:
+        value = value.double()
+        cur = self.acc.get(key)
+        self.acc[key] = value.clone() if cur is None else cur.add_(value)
+
+    def flush(self) -> None:
+        """Add the device sums to the scores (CPU) and start again."""
+        for (kind, i), v in self.acc.items():
+            v = v.cpu()
+            if kind == "layers":
+                self.scores.layers[i] += float(v)
+            elif kind == "ms":
+                self.ms[i] += v
+            elif kind == "hidden":
+                self.scores.hidden += v
+            else:  # mlp, heads
+                getattr(self.scores, kind)[i] += v
+        self.acc.clear()
+
     def _mlp(self, i):
         def hook(mod, args):
             x = args[0].detach()  # [B, T, I]
-            self.scores.mlp[i] += x.float().abs().sum(dim=(0, 1)).double().cpu()
+            self._add(("mlp", i), x.float().abs().sum(dim=(0, 1)))
         return hook
 
     def _heads(self, i, hd):
         def hook(mod, args):
             x = args[0].detach()  # [B, T, H * hd]
             per_head = x.float().view(*x.shape[:-1], -1, hd).norm(dim=-1)  # [B, T, H]
-            self.scores.heads[i] += per_head.sum(dim=(0, 1)).double().cpu()
+            self._add(("heads", i), per_head.sum(dim=(0, 1)))
         return hook
 
     def _layer(self, i):
@@ -128,17 +150,18 @@ class _Hooks:
             x_in = args[0] if args else kwargs["hidden_states"]
             x_out = out[0] if isinstance(out, tuple) else out
             cos = torch.nn.functional.cosine_similarity(x_in.detach().float(), x_out.detach().float(), dim=-1)
-            self.scores.layers[i] += float((1 - cos).sum())
+            self._add(("layers", i), (1 - cos).sum())
         return hook
 
     def _norm(self, row):
         def hook(mod, args, out):
             x = args[0].detach().float()  # [B, T, D]
-            self.ms[row] += x.square().sum(dim=(0, 1)).double().cpu()
-            self.scores.hidden += out.detach().float().abs().sum(dim=(0, 1)).double().cpu()
+            self._add(("ms", row), x.square().sum(dim=(0, 1)))
+            self._add(("hidden", 0), out.detach().float().abs().sum(dim=(0, 1)))
         return hook
 
     def remove(self):
+        self.flush()
         for h in self.handles:
             h.remove()
 
