@@ -125,7 +125,8 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
         # this process: reproducible, and the same on every rank (FSDP keeps each rank's own init of its shard)
         torch.manual_seed(cfg.run.seed + 1000 * (i + 1))
         student = _apply_lora(student, scfg)
-    trainable = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    # the starting weights, on the host (a 1B student's fp32 copy would take 4 GB of the GPU), to count what trained
+    trainable = {n: p.detach().to("cpu", copy=True) for n, p in student.named_parameters() if p.requires_grad}
     accelerator = train.make_accelerator(device, amp, tcfg.report_to, project_dir=ctx.work_dir(f"student-{i}"),
                                          run_name=f"{cfg.run.name}-student-{i}",
                                          tracker_config=cfg.model_dump(mode="json")["specialize"])
@@ -181,7 +182,8 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
         student = _apply_lora(student, scfg) if scfg.lora else student
         student.load_state_dict({k.removeprefix("student."): v for k, v in result.full_state.items()}, strict=True)
     rank_digests = _rank_digests(student, accelerator)
-    changed = sum(not torch.equal(trainable[n], p.detach()) for n, p in student.named_parameters() if n in trainable)
+    changed = sum(not torch.equal(trainable[n], p.detach().cpu()) for n, p in student.named_parameters()
+                  if n in trainable)
     if scfg.lora:
         student = student.merge_and_unload()
     student.eval()
