@@ -12,9 +12,13 @@
    tunes it on CPU (each in its own subprocess); the ratios say whether the fused loss slows training.
 3. Teacher-cache precision: the KD (value and gradient) from a top-64 cache stored as float16 vs float32,
    against the truncation error of top-64 itself (vs the full teacher).
+4. Scoring memory at V = 128,256 (what base validation, compress calibration and evaluation do): the summed
+   next-token NLL of --score-tokens tokens (8 rows) of a 1-layer LLaMA (hidden H, untied head) through
+   ``models.block_nll`` (the head applied in fp32 chunk by chunk) vs the obvious way (the model's [B, T, V]
+   logits, log_softmax, gather); each in its own subprocess, peak as in 1. The NLLs must agree.
 
     .venv/bin/python benchmarks/bench_kd_memory.py [--tokens 1024] [--hidden 512] [--vocab 128256]
-        [--threads 2] [--reps 3] [--skip memory,speed,cache]
+        [--threads 2] [--reps 3] [--skip memory,speed,cache,scoring]
 
 Timings on a shared machine are noisy (+-10-15%); only ratios measured side by side in one run mean anything.
 """
@@ -93,6 +97,61 @@ def child(args: argparse.Namespace) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
     print(json.dumps({"loss": float(loss), "peak_mb": peak, "seconds": time.perf_counter() - t0,
                       "grad_norm": float(w.grad.norm())}))
+
+
+def scoring_child(args: argparse.Namespace) -> None:
+    """Scoring variant in this process: print {"nll", "peak_mb", "seconds"} as JSON."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from downscale import models
+
+    torch.set_num_threads(args.threads)
+    cfg = AutoConfig.for_model("llama", vocab_size=args.vocab, hidden_size=args.hidden,
+                               intermediate_size=2 * args.hidden, num_hidden_layers=1,
+                               num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 128,
+                               max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(args.device).eval()
+    rows = 8
+    ids = torch.randint(0, args.vocab, (rows, args.score_tokens // rows), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(args.device)
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_mb()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if args.child == "score-full":
+            logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+            nll = float(-logp.gather(-1, ids[:, 1:, None]).sum())
+        else:
+            nll = models.block_nll(model, ids, torch.device(args.device))[0]
+    if cuda:
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    print(json.dumps({"nll": nll, "peak_mb": peak, "seconds": time.perf_counter() - t0}))
+
+
+def scoring_table(args: argparse.Namespace) -> None:
+    res = {}
+    for variant in ("score-full", "score-chunked"):
+        cmd = [sys.executable, __file__, "--child", variant, "--score-tokens", str(args.score_tokens), "--hidden",
+               str(args.hidden), "--vocab", str(args.vocab), "--threads", str(args.threads), "--device", args.device]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        res[variant] = json.loads(out.strip().splitlines()[-1])
+    print(f"\n4. Scoring memory, summed next-token NLL: N={args.score_tokens} tokens, 1-layer LLaMA H={args.hidden}, "
+          f"V={args.vocab}, device={args.device}")
+    print(f"{'variant':<16}{'peak MB':>10}{'seconds':>10}{'NLL':>16}")
+    for v, r in res.items():
+        print(f"{v:<16}{r['peak_mb']:>10.0f}{r['seconds']:>10.2f}{r['nll']:>16.4f}")
+    print(f"peak-memory ratio block_nll/full-logits = "
+          f"{res['score-chunked']['peak_mb'] / res['score-full']['peak_mb']:.3f}; NLL relative difference "
+          f"{abs(res['score-chunked']['nll'] / res['score-full']['nll'] - 1):.1e}")
 
 
 def memory_table(args: argparse.Namespace) -> bool:
@@ -226,14 +285,19 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--score-tokens", type=int, default=4096, help="tokens scored in part 4 (8 rows)")
     ap.add_argument("--chunk", type=int, default=0, help="fused chunk tokens; 0: kd.auto_chunk_tokens(vocab)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=3, help="timed repeats of each speed variant")
-    ap.add_argument("--child", choices=("naive", "fused", "speed-default", "speed-tuned"), help=argparse.SUPPRESS)
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: memory,speed,cache")
+    ap.add_argument("--child", choices=("naive", "fused", "speed-default", "speed-tuned", "score-full",
+                                        "score-chunked"), help=argparse.SUPPRESS)
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: memory,speed,cache,scoring")
     args = ap.parse_args()
     if args.child in ("speed-default", "speed-tuned"):
         speed_child(args)
+        return
+    if args.child in ("score-full", "score-chunked"):
+        scoring_child(args)
         return
     if args.child:
         args.chunk = args.chunk or None
@@ -246,6 +310,8 @@ def main() -> None:
         speed_table(args)
     if "cache" not in skip:
         cache_precision_table(args)
+    if "scoring" not in skip:
+        scoring_table(args)
 
 
 if __name__ == "__main__":
