@@ -12,7 +12,9 @@ small shapes (a smoke run: the numbers mean nothing there).
 1. Specialize step: the project's DistillStudent (fused chunked KD + CE, kd_ratio 0.5) with the base as the
    online bf16 teacher, AdamW on fp32 master weights under bf16 autocast, batch B x T. Tokens/s over the timed
    steps; MFU = tokens/s x (6 N_student + 2 N_teacher + attention) / peak dense bf16 FLOP/s, with the FLOPs per
-   token of downscale.cost (goal >= 35%).
+   token of downscale.cost (goal >= 35%). Then the same step through the stage's own loop, ``train.fit`` (accelerate,
+   the loss read to the host per micro-batch, the divergence guard; ``--fit-steps`` timed steps after the
+   warm-up, no checkpoint written): its MFU is the stage's, the first one the step's own.
 2. Generation: greedy decoding of ``--gen-tokens`` tokens after a ``--prompt``-token prompt, batch 1 and
    ``--gen-batch``: the base, the ensemble of ``--students`` students on its fast path, and one by one.
 
@@ -114,7 +116,56 @@ def specialize_step(args, base_cfg, student_cfg, device) -> dict:
     if peak:
         out["peak_tflops"] = peak / 1e12
         out["mfu"] = cost.mfu(tokens_per_s, flops, peak)
+    if args.fit_steps:
+        del opt
+        student.zero_grad(set_to_none=True)
+        fit_s = _through_fit(args, wrapper, teacher, amp, base_cfg.vocab_size, device)
+        out["fit_seconds_per_step"] = fit_s
+        out["fit_tokens_per_s"] = args.batch * args.seq / fit_s
+        if peak:
+            out["fit_mfu"] = cost.mfu(out["fit_tokens_per_s"], flops, peak)
     return out  # the models go with this frame; the caller empties the CUDA cache
+
+
+class _Stop(Exception):
+    pass
+
+
+def _through_fit(args, wrapper, teacher, amp, vocab: int, device) -> float:
+    """Seconds per optimizer step of the specialize stage's loop (``train.fit`` with the online teacher), timed
+    between step ends after ``args.warmup`` steps; stopped before fit's final checkpoint (no GBs written)."""
+    import tempfile
+
+    import numpy as np
+
+    from downscale import train
+    from downscale.config import TrainConfig
+    from downscale.stages.specialize import teacher_targets
+
+    total = args.warmup + args.fit_steps
+    blocks = np.random.default_rng(0).integers(0, vocab, size=(args.batch * (total + 1), args.seq), dtype=np.int64)
+    tcfg = TrainConfig(max_steps=total + 1, batch_size=args.batch, grad_accum=1, lr=1e-4, warmup_steps=0,
+                       save_every=10**9, log_every=10**9, eval_every=10**9)
+    stamps: list[float] = []
+
+    def on_step(done: int) -> None:
+        _sync(device)
+        stamps.append(time.perf_counter())
+        if done == total:
+            raise _Stop  # before step total + 1, whose end would write the checkpoint
+
+    def loss_fn(model, batch):
+        ids = batch["input_ids"]
+        return model(ids, teacher_targets(teacher, ids, amp))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            train.fit(wrapper, cfg=tcfg, sampler=train.BlockSampler([blocks], args.batch, seed=0), loss_fn=loss_fn,
+                      work_dir=tmp, accelerator=train.make_accelerator(device, amp), log=lambda m: None,
+                      desc="fit", on_step=on_step)
+        except _Stop:
+            pass
+    return (stamps[-1] - stamps[args.warmup - 1]) / args.fit_steps
 
 
 def generation(args, base_cfg, student_cfg, device) -> dict:
@@ -159,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="specialize: sequences per step (8 on CUDA)")
     p.add_argument("--seq", type=int, default=None, help="specialize: tokens per sequence (2048 on CUDA)")
     p.add_argument("--steps", type=int, default=5, help="specialize: timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="specialize: untimed steps first")
+    p.add_argument("--warmup", type=int, default=2, help="specialize: untimed steps first (at least 1)")
+    p.add_argument("--fit-steps", type=int, default=3,
+                   help="specialize: timed steps through train.fit after the warm-up (0: skip)")
     p.add_argument("--students", type=int, default=8, help="generation: students in the ensemble")
     p.add_argument("--prompt", type=int, default=128, help="generation: prompt tokens")
     p.add_argument("--gen-tokens", type=int, default=64, help="generation: new tokens")
@@ -196,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['batch']} x {r['seq']}), {r['flops_per_token'] / 1e9:.1f} GFLOP/token "
               f"(6N+2N: {r['flops_6n_2n'] / 1e9:.1f}), {r['achieved_tflops']:.1f} TFLOP/s, MFU {mfu}; "
               f"peak memory {r['peak_memory_gb'] or 0:.1f} GB", flush=True)
+        if "fit_tokens_per_s" in r:
+            fit_mfu = f", MFU {r['fit_mfu']:.1%}" if "fit_mfu" in r else ""
+            print(f"  through the stage's loop (train.fit): {r['fit_tokens_per_s']:,.0f} tokens/s "
+                  f"({r['fit_seconds_per_step']:.3f} s/step{fit_mfu}; "
+                  f"{r['fit_tokens_per_s'] / r['tokens_per_s']:.2f}x the bare step)", flush=True)
     if not args.skip_generation:
         g = generation(args, base_cfg, student_cfg, device)
         results["generation"] = g
