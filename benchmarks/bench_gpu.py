@@ -221,11 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-generation", action="store_true")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1 or args.fit_steps < 0:
+        p.error("--warmup and --steps must be >= 1, --fit-steps >= 0")
     sys.path.insert(0, str(ROOT / "src"))
     from downscale import models
 
     models.quiet_transformers()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # TF32 for fp32 matmuls as the stages set it (run.tf32's default), so the fit-loop figure is the stage's
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     small = args.small or device.type != "cuda"
     if device.type == "cpu":
         models.tune_cpu_allocator()

@@ -178,3 +178,7 @@ def test_each_launched_process_gets_its_own_gpu(monkeypatch) -> None:
     monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert models.resolve_device("auto") == torch.device("cuda") and current == [2]
+    for bad in ("4", "x"):  # a rank without a GPU of its own: one clear line, not GPU 0
+        monkeypatch.setenv("LOCAL_RANK", bad)
+        with pytest.raises(RuntimeError, match=f"LOCAL_RANK is '{bad}' but torch sees 4 CUDA devices"):
+            models.resolve_device("cuda")

@@ -19,13 +19,25 @@ from tiny import fake_data_run, tiny_model
 DEVICE = torch.device(os.environ.get("DOWNSCALE_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+@pytest.fixture(autouse=True)
+def _tf32_as_it_was():
+    """The stages set TF32 process-wide (run.tf32); the fp32 comparisons below must not inherit it."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 @pytest.fixture(scope="module")
 def bf16_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("device")
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     sections = {**SECTIONS, "run": {"device": DEVICE.type, "precision": "bf16"}}
     sections["specialize"] = {**SECTIONS["specialize"], "teacher": "cache", "cache_top_k": 16}
     cfg = fake_data_run(tmp, **sections)
-    return cfg, pipeline.run_all(cfg, log=lambda m: None)
+    try:
+        return cfg, pipeline.run_all(cfg, log=lambda m: None)
+    finally:  # the pipeline ran with TF32 on (run.tf32's default); the tests after it compare fp32 to float64
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def test_whole_pipeline_in_bf16_on_the_device(bf16_run) -> None:

@@ -205,8 +205,14 @@ def test_block_nll_applies_the_head_chunk_by_chunk_and_equals_the_full_logits(ar
     rows = []
     model.lm_head.register_forward_hook(lambda m, i, o: rows.append(o.shape))  # must never run
     monkeypatch.setattr(models, "nll_chunk_tokens", lambda vocab, n=1, budget=0: 16)
+    chunks = []
+    real_ce = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy",
+                        lambda z, *a, **k: chunks.append(tuple(z.shape)) or real_ce(z, *a, **k))
     total, count = models.block_nll(model, ids, torch.device("cpu"))
     assert count == 3 * 19 and rows == []
+    assert chunks == [(16, 128)] * 3 + [(9, 128)]  # 57 positions in chunks of 16, never [B, T, V]
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", real_ce)
     assert total == pytest.approx(ref, rel=1e-6)
     # chunks of 16 of the 57 positions: 4 chunks, the same sum
     with torch.no_grad():
@@ -215,6 +221,15 @@ def test_block_nll_applies_the_head_chunk_by_chunk_and_equals_the_full_logits(ar
         pytest.approx(ref, rel=1e-6)
     wrapped = train.FusedCausalLM(model)
     assert models.block_nll(wrapped, ids, torch.device("cpu")) == (pytest.approx(ref, rel=1e-6), count)
+    # under bf16 autocast (validation of the base stage, also wrapped in autocast by accelerate) the head products
+    # stay fp32: the wrapper and the plain model score alike, and so does a prepared wrapper
+    bf16 = torch.bfloat16
+    plain = models.block_nll(model, ids, torch.device("cpu"), bf16)[0]
+    assert models.block_nll(wrapped, ids, torch.device("cpu"), bf16)[0] == plain
+    acc = train.make_accelerator(torch.device("cpu"), bf16)
+    inner = acc.unwrap_model(acc.prepare(train.FusedCausalLM(model)))
+    with torch.no_grad():
+        assert float(inner(ids, score=True)[0]) == plain
     assert models.mean_nll(wrapped, ids.numpy(), 2, torch.device("cpu"))[0] == pytest.approx(ref / count, rel=1e-6)
 
 
@@ -286,3 +301,23 @@ def test_process_group_timeout_is_long_and_settable(monkeypatch) -> None:
     monkeypatch.delenv("DOWNSCALE_DIST_TIMEOUT_S")
     acc = train.make_accelerator(torch.device("cpu"), None)  # the handler is accepted (used when launched)
     assert acc.num_processes == 1
+
+
+def test_resume_keeps_this_runs_optimizer_kernel(tmp_path) -> None:
+    """A checkpoint made with fused AdamW (one CUDA GPU) resumed elsewhere (a CPU, or under FSDP) keeps the kernel
+    choice of the resuming run: the saved param_groups' fused / foreach flags are not restored."""
+    cfg = fake_data_run(tmp_path)
+    _fit(cfg, tmp_path / "a")
+    ckpt = train.list_checkpoints(tmp_path / "a" / "checkpoints")[-1]
+    meta_path = ckpt / "optimizer.json"
+    meta = json.loads(meta_path.read_text())
+    for g in meta["param_groups"]:
+        g.update(fused=True, foreach=True)
+    meta_path.write_text(json.dumps(meta))
+    from downscale.config import TrainConfig
+
+    model = tiny_model(vocab_size=300)
+    opt = train.make_optimizer(model, TrainConfig(max_steps=1))
+    train.load_checkpoint(ckpt, model, opt)
+    assert all(g["foreach"] is False and not g["fused"] for g in opt.param_groups)
+    assert opt.state  # the moments were loaded

@@ -39,9 +39,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("run.device is 'cuda' but torch sees no CUDA device")
-        local, count = os.environ.get("LOCAL_RANK"), torch.cuda.device_count()
-        if local is not None and count > 1:
-            index = int(local) % count
+        local, count = os.environ.get("LOCAL_RANK", "").strip(), torch.cuda.device_count()
+        if local and count > 1:
+            if not local.isdigit() or int(local) >= count:
+                raise RuntimeError(f"LOCAL_RANK is {local!r} but torch sees {count} CUDA devices (0..{count - 1})")
+            index = int(local)
             torch.cuda.set_device(index)
             return torch.device("cuda", index)
     return torch.device(name)
@@ -276,7 +278,8 @@ def split_head(model) -> tuple[Any, Any] | None:
 
 @torch.no_grad()
 def block_nll(model, tokens: torch.Tensor, device: torch.device, amp: torch.dtype | None = None) -> tuple[float, int]:
-    """Summed next-token NLL (nats, computed in fp32) and token count of blocks ``tokens`` [B, T].
+    """Summed next-token NLL (nats; the head products in fp32, see ``chunked_nll_sum``) and token count of blocks
+    ``tokens`` [B, T].
 
     A supported causal LM is scored from its final hidden states with the LM head applied in fp32 chunk by
     chunk (``nll_chunk_tokens``): the [B, T, V] logits never exist (at a 128k vocabulary they would be
@@ -304,15 +307,19 @@ def block_nll(model, tokens: torch.Tensor, device: torch.device, amp: torch.dtyp
 
 def chunked_nll_sum(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
                     chunk_tokens: int | None = None) -> torch.Tensor:
-    """Summed cross-entropy of ``labels`` [N] under logits ``hidden`` [N, H] x ``head_weight`` [V, H]^T, in fp32,
-    ``chunk_tokens`` rows at a time (default ``nll_chunk_tokens(V)``), summed in float64; a 0-d tensor (no host
-    sync)."""
+    """Summed cross-entropy of ``labels`` [N] under logits ``hidden`` [N, H] x ``head_weight`` [V, H]^T, in fp32
+    (autocast switched off here: callers score under autocast, and accelerate wraps a prepared model's forward
+    in it; on CUDA the products use TF32 when ``run.tf32`` allows), ``chunk_tokens`` rows at a time (default
+    ``nll_chunk_tokens(V)``), summed in float64; a 0-d tensor (no host sync)."""
     w = head_weight.detach().float()  # one fp32 copy of the head, not one per chunk
     step = chunk_tokens or nll_chunk_tokens(w.shape[0])
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for c in range(0, labels.shape[0], step):
-        total += torch.nn.functional.cross_entropy(hidden[c:c + step].float() @ w.T, labels[c:c + step],
-                                                   reduction="sum").double()
+    off = torch.autocast(hidden.device.type, enabled=False) if hidden.device.type in ("cpu", "cuda") else \
+        contextlib.nullcontext()
+    with off:
+        for c in range(0, labels.shape[0], step):
+            total += torch.nn.functional.cross_entropy(hidden[c:c + step].float() @ w.T, labels[c:c + step],
+                                                       reduction="sum").double()
     return total
 
 

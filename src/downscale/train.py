@@ -242,6 +242,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         name, param = key.split("/", 1)
         opt_state.setdefault(param, {})[name] = tensor
     groups = json.loads((path / "optimizer.json").read_text())["param_groups"]
+    # how the update runs (fused on one CUDA GPU, per tensor on a CPU) belongs to this run, not to the checkpoint:
+    # a run resumed on other hardware or under FSDP keeps the kernel choice make_optimizer made for it
+    kernel = ("fused", "foreach", "capturable", "differentiable")
+    now = optimizer.param_groups[0]
+    groups = [{**g, **{k: now[k] for k in kernel if k in now}} for g in groups]
     set_optimizer_state_dict(model, optimizer, {"state": opt_state, "param_groups": groups}, options=_dcp_options())
     state = json.loads((path / "state.json").read_text())
     torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
@@ -370,9 +375,9 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
             raise TrainingDiverged(
                 f"{desc}: loss or gradient norm is not finite at step {step + 1} (loss {step_stats['loss']}, "
                 f"grad norm {grad_norm}); the last good checkpoint (step {last_good}) is kept in {ckpt_root}; "
-                f"lower the learning rate or enable clipping" + (
-                    f" ({MAX_SKIPPED_STEPS} fp16 steps in a row overflowed)" if bad_grad and scaler is not None
-                    else ""))
+                + (f"{MAX_SKIPPED_STEPS} fp16 steps in a row overflowed; lower the learning rate"
+                   if bad_grad and scaler is not None and math.isfinite(step_stats["loss"])
+                   else "lower the learning rate or enable clipping"))
         optimizer_p.step()
         if scaler is not None and bad_grad:  # GradScaler.step skipped it and lowered the scale
             skipped_in_a_row += 1
