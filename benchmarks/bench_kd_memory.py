@@ -43,6 +43,40 @@ def _rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+class _Peak:
+    """Peak memory of the code in its ``with`` block, above what was held when it began: CUDA max allocated, or
+    on a CPU the process's peak RSS minus the RSS at entry; ``.mb`` and ``.seconds`` after the block."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.base = _rss_mb()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.mb, self.seconds = peak - self.base, time.perf_counter() - self.t0
+
+
+def _run_child(variant: str, args: argparse.Namespace, *extra: str) -> dict:
+    """Run ``--child variant`` in a fresh process (its own peak memory); its last stdout line as JSON."""
+    cmd = [sys.executable, __file__, "--child", variant, "--hidden", str(args.hidden), "--vocab", str(args.vocab),
+           "--threads", str(args.threads), "--device", args.device, *extra]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def _inputs(n: int, h: int, v: int, device: str, seed: int = 0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     hid = (torch.randn(n, h, generator=g)).to(device).requires_grad_()
@@ -76,27 +110,14 @@ def fused_loss(hid, w, th, tw, labels, kd_ratio: float = 0.5, chunk: int | None 
 def child(args: argparse.Namespace) -> None:
     """One variant in this process: print {"loss", "peak_mb", "seconds"} as JSON."""
     torch.set_num_threads(args.threads)
-    cuda = args.device == "cuda"
     hid, w, th, tw, labels = _inputs(args.tokens, args.hidden, args.vocab, args.device)
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = _rss_mb()
-    t0 = time.perf_counter()
-    if args.child == "naive":
-        loss = naive_loss(hid, w, th, tw, labels)
-    else:
-        loss = fused_loss(hid, w, th, tw, labels, chunk=args.chunk)
-    loss.backward()
-    if cuda:
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    print(json.dumps({"loss": float(loss), "peak_mb": peak, "seconds": time.perf_counter() - t0,
-                      "grad_norm": float(w.grad.norm())}))
+    with _Peak(args.device) as m:
+        if args.child == "naive":
+            loss = naive_loss(hid, w, th, tw, labels)
+        else:
+            loss = fused_loss(hid, w, th, tw, labels, chunk=args.chunk)
+        loss.backward()
+    print(json.dumps({"loss": float(loss), "peak_mb": m.mb, "seconds": m.seconds, "grad_norm": float(w.grad.norm())}))
 
 
 def scoring_child(args: argparse.Namespace) -> None:
@@ -115,35 +136,17 @@ def scoring_child(args: argparse.Namespace) -> None:
     rows = 8
     ids = torch.randint(0, args.vocab, (rows, args.score_tokens // rows), generator=torch.Generator().manual_seed(1))
     ids = ids.to(args.device)
-    cuda = args.device == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = _rss_mb()
-    t0 = time.perf_counter()
-    with torch.no_grad():
+    with _Peak(args.device) as m, torch.no_grad():
         if args.child == "score-full":
             logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
             nll = float(-logp.gather(-1, ids[:, 1:, None]).sum())
         else:
             nll = models.block_nll(model, ids, torch.device(args.device))[0]
-    if cuda:
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    print(json.dumps({"nll": nll, "peak_mb": peak, "seconds": time.perf_counter() - t0}))
+    print(json.dumps({"nll": nll, "peak_mb": m.mb, "seconds": m.seconds}))
 
 
 def scoring_table(args: argparse.Namespace) -> None:
-    res = {}
-    for variant in ("score-full", "score-chunked"):
-        cmd = [sys.executable, __file__, "--child", variant, "--score-tokens", str(args.score_tokens), "--hidden",
-               str(args.hidden), "--vocab", str(args.vocab), "--threads", str(args.threads), "--device", args.device]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        res[variant] = json.loads(out.strip().splitlines()[-1])
+    res = {v: _run_child(v, args, "--score-tokens", str(args.score_tokens)) for v in ("score-full", "score-chunked")}
     print(f"\n4. Scoring memory, summed next-token NLL: N={args.score_tokens} tokens, 1-layer LLaMA H={args.hidden}, "
           f"V={args.vocab}, device={args.device}")
     print(f"{'variant':<16}{'peak MB':>10}{'seconds':>10}{'NLL':>16}")
@@ -158,13 +161,7 @@ def memory_table(args: argparse.Namespace) -> bool:
     from downscale import kd
 
     chunk = args.chunk or kd.auto_chunk_tokens(args.vocab)
-    res = {}
-    for variant in ("naive", "fused"):
-        cmd = [sys.executable, __file__, "--child", variant, "--tokens", str(args.tokens), "--hidden",
-               str(args.hidden), "--vocab", str(args.vocab), "--threads", str(args.threads), "--device",
-               args.device, "--chunk", str(chunk)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        res[variant] = json.loads(out.strip().splitlines()[-1])
+    res = {v: _run_child(v, args, "--tokens", str(args.tokens), "--chunk", str(chunk)) for v in ("naive", "fused")}
     ratio = res["fused"]["peak_mb"] / res["naive"]["peak_mb"]
     kind = "CUDA max_memory_allocated" if args.device == "cuda" else "peak RSS - RSS after set-up"
     print(f"\n1. Memory, 0.5 CE + 0.5 forward KL, forward + backward: N={args.tokens} tokens, H={args.hidden}, "

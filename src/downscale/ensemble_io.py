@@ -195,7 +195,8 @@ def load_ensemble(path: str | Path, mode: str | None = None, device: str | torch
     if mode == "routed" and router.get("kind") == "cluster" and (cluster_dir is None or not cluster_dir.exists()):
         raise EnsembleError(f"{file}: router.cluster_dir: the clusterer folder is missing")
     have = {Path(k).resolve(): m for k, m in (loaded or {}).items()}
-    students = [have.get(f.resolve()) or models.load_causal_lm(f, dtype=dtype, device=device) for f in folders]
+    students = [m if (m := have.get(f.resolve())) is not None else models.load_causal_lm(f, dtype=dtype, device=device)
+                for f in folders]
     for s in students:
         s.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))

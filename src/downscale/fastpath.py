@@ -174,7 +174,7 @@ class StackedStudents:
             self.head_vnd = _stack_vnd(heads)
             self._head_params = heads
             self.embed = None if self.tied else _stack([embeds])  # [n, V, d]; tied: the head is the embedding
-        self._head_cast: tuple[tuple, torch.Tensor] | None = None  # ((dtype, version), head_vnd in that dtype)
+        self._head_cast: tuple[tuple, torch.Tensor] | None = None  # (key of _head, head_vnd in that dtype)
 
     # ------------------------------------------------------------------ pieces
 

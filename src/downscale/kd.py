@@ -44,7 +44,6 @@ empty on both sides and the result equals online KD (values and gradients, up to
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -360,8 +359,9 @@ def _run(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teach
     need_grad = grad_hidden or grad_weight
     ce_sum = torch.zeros((), dtype=torch.float64, device=device)
     kd_sum = torch.zeros((), dtype=torch.float64, device=device)
-    ctx = torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
-    with ctx, torch.no_grad():
+    from downscale.models import no_autocast
+
+    with no_autocast(device), torch.no_grad():
         for c0 in range(0, n, o.chunk_tokens):
             c1 = min(n, c0 + o.chunk_tokens)
             sel = slice(c0, c1) if rows is None else rows[c0:c1]
@@ -527,8 +527,9 @@ def head_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, temperature: 
     same matmul-precision rule as ``distill_loss`` (the teacher cache uses this, so cached and online
     teachers agree)."""
     mm = _mm_dtype(hidden.dtype, head_weight.dtype, matmul_dtype, hidden.device)
-    with torch.autocast(hidden.device.type, enabled=False) if hidden.device.type in ("cpu", "cuda") \
-            else contextlib.nullcontext():
+    from downscale.models import no_autocast
+
+    with no_autocast(hidden.device):
         z = (hidden.to(mm) @ head_weight.to(mm).T).float()
     if temperature != 1.0:
         z = z.div_(temperature)

@@ -86,6 +86,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device`` (for products that must stay in the dtype they are given, e.g. fp32 LM
+    heads scored inside a caller's bf16 autocast), or a no-op where torch has no autocast for the device."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -314,9 +322,7 @@ def chunked_nll_sum(hidden: torch.Tensor, head_weight: torch.Tensor, labels: tor
     w = head_weight.detach().float()  # one fp32 copy of the head, not one per chunk
     step = chunk_tokens or nll_chunk_tokens(w.shape[0])
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    off = torch.autocast(hidden.device.type, enabled=False) if hidden.device.type in ("cpu", "cuda") else \
-        contextlib.nullcontext()
-    with off:
+    with no_autocast(hidden.device):
         for c in range(0, labels.shape[0], step):
             total += torch.nn.functional.cross_entropy(hidden[c:c + step].float() @ w.T, labels[c:c + step],
                                                        reduction="sum").double()
