@@ -14,7 +14,7 @@ TORCH_INDEX ?=
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml scripts/setup_venv.sh
 	@bash scripts/setup_venv.sh "$(PYTHON)" "$(VENV)" "$(TORCH_CPU)" "$(TORCH_INDEX)"
 	@touch $@
 

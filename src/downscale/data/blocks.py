@@ -3,7 +3,8 @@
 Layout written by the data stage, under ``<run>/data/``::
 
     meta.json                      {"shards": [names...], "block_size": int, "dtype": "uint16"|"uint32",
-                                    "vocab_size": int, "eos_token_id": int, ...}
+                                    "vocab_size": int, "eos_token_id": int,
+                                    "doc_separator": {"token": str, "id": int} (between packed documents), ...}
     <shard>/meta.json              per-shard: documents, tokens per split, sources and hashes, unigram entropy
     <shard>/{train,val,test}.bin   raw numpy array of dtype, shape [n_blocks, block_size] (C order)
     cluster/                       shard_by: cluster only: the fitted clusterer (downscale.data.cluster.Clusterer.load)

@@ -7,7 +7,8 @@ used as bos, eos and pad; it adds no special tokens when encoding and decodes by
 
 Documents are encoded with the fast (Rust) tokenizer in batches. Special-token strings that occur
 inside a document (``<|endoftext|>`` in a text about tokenizers) are encoded as plain text, so the
-only EOS tokens in the packed data are the ones the packer puts between documents.
+only separator tokens in the packed data are the ones the packer puts between documents
+(``data.doc_separator``: see ``doc_separator``).
 """
 
 from __future__ import annotations
@@ -36,20 +37,53 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, len
                                    clean_up_tokenization_spaces=False)
 
 
-def load_base_tokenizer(name_or_path: str, revision: str | None, trust_remote_code: bool, config_file: str) -> Any:
-    """The base model's tokenizer (hub id or local folder). It must have an EOS token."""
+def load_base_tokenizer(name_or_path: str, revision: str | None, trust_remote_code: bool, config_file: str,
+                        gguf_file: str | None = None) -> Any:
+    """The base model's tokenizer: a hub id or local folder, ``package:<name>`` (an installed package's
+    folder), or with ``gguf_file`` the tokenizer stored in that GGUF file. It must have an EOS token.
+    Nothing is written to the source."""
     from transformers import AutoTokenizer
 
+    from downscale.config import ConfigError, resolve_base_path
+
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        folder = resolve_base_path(name_or_path, config_file)
+    except ConfigError as exc:
+        raise StageError(str(exc)) from None
+    what = f"{name_or_path!r}" + (f" (GGUF file {gguf_file!r})" if gguf_file else "")
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, revision=revision, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; the user needs one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StageError(f"{config_file}: base.name_or_path: cannot load a tokenizer from {name_or_path!r}: "
-                         f"{first[:300]}") from None
+        key = "base.gguf_file" if gguf_file else "base.name_or_path"
+        raise StageError(f"{config_file}: {key}: cannot load a tokenizer from {what}: {first[:300]}") from None
     if tok.eos_token_id is None:
         raise StageError(f"{name_or_path}: the tokenizer has no EOS token (base.name_or_path, used by "
                          f"data.tokenizer.kind: base); packing needs one between documents")
     return tok
+
+
+def doc_separator(tok: Any, setting: str, kind: str, config_file: str) -> tuple[str, int]:
+    """The token packed between documents, as (token, id), for ``data.doc_separator``.
+
+    ``auto``: with the base's tokenizer (``kind == "base"``), ``<|endoftext|>`` if the vocabulary has it
+    (the document separator of GPT-2-style pretraining, SmolLM2's included, whose eos is the chat
+    turn's end), else the eos, else the bos; with a trained BPE its eos. Any other value must be a
+    token of the vocabulary (a StageError naming ``data.doc_separator`` otherwise)."""
+    vocab = tok.get_vocab()  # added (special) tokens included
+    if setting != "auto":
+        if setting not in vocab:
+            raise StageError(f"{config_file}: data.doc_separator: {setting!r} is not a token of the run's tokenizer "
+                             f"({type(tok).__name__}, {len(tok)} tokens); use auto or one of its tokens, e.g. "
+                             f"{tok.eos_token!r}")
+        return setting, int(vocab[setting])
+    candidates = [EOS, tok.eos_token, tok.bos_token] if kind == "base" else [tok.eos_token]
+    for token in candidates:
+        if token is not None and token in vocab:
+            return str(token), int(vocab[token])
+    raise StageError(f"{config_file}: data.doc_separator: auto found no separator (no {EOS}, eos or bos in the "
+                     f"tokenizer's vocabulary); name one of its tokens")
 
 
 def save_tokenizer(tok: Any, out_dir: str | Path) -> Path:

@@ -11,8 +11,9 @@ Writes ``<run>/data/`` (layout in ``downscale.data.blocks``) and ``<run>/tokeniz
 3. Split each shard by document hash (``downscale.data.packing``).
 4. Tokenizer: train a ByteLevel BPE on the train splits (at most ``tokenizer.train_chars``
    characters, an equal share per shard), or copy the base model's.
-5. Pack each split (train up to ``max_tokens_per_shard`` / the source's ``max_tokens``; val and test up
-   to ``max_eval_tokens_per_shard``) and write ``<shard>/{train,val,test}.bin`` and the meta files.
+5. Pack each split, documents separated by ``data.doc_separator`` (train up to ``max_tokens_per_shard`` /
+   the source's ``max_tokens``; val and test up to ``max_eval_tokens_per_shard``) and write
+   ``<shard>/{train,val,test}.bin`` and the meta files.
 
 Nothing here depends on the time or the machine's load: the same config, seed and inputs give
 the same files byte for byte.
@@ -82,6 +83,7 @@ def run(ctx: StageContext) -> dict:
     # 4. tokenizer -----------------------------------------------------------------------------
     t = time.perf_counter()
     tok, tok_info = _make_tokenizer(ctx, splits, config_file)
+    sep_token, sep = tok_info["doc_separator"]["token"], tok_info["doc_separator"]["id"]
     times["tokenizer"] = time.perf_counter() - t
 
     # 5. tokenize and pack -----------------------------------------------------------------------
@@ -89,7 +91,6 @@ def run(ctx: StageContext) -> dict:
     from downscale.data.tokenizer import batch_encoder
 
     encode = batch_encoder(tok)
-    eos = int(tok.eos_token_id)
     vocab = len(tok)
     dtype = packing.token_dtype(vocab)
     block = dcfg.block_size
@@ -101,7 +102,7 @@ def run(ctx: StageContext) -> dict:
             train_budget = dcfg.sources[i].max_tokens
         for split in SPLITS:
             budget = train_budget if split == "train" else dcfg.max_eval_tokens_per_shard
-            packed = packing.pack(parts[split], encode, eos, block, dtype, budget=budget, desc=f"{name}/{split}",
+            packed = packing.pack(parts[split], encode, sep, block, dtype, budget=budget, desc=f"{name}/{split}",
                                   doc_cap=packing.max_doc_tokens(budget, block))
             if packed.blocks.shape[0] == 0:
                 _no_blocks(config_file, name, split, packed, block)
@@ -121,7 +122,8 @@ def run(ctx: StageContext) -> dict:
     times["pack"] = time.perf_counter() - t
 
     top = {"shards": list(splits), "block_size": block, "dtype": dtype.name, "vocab_size": vocab,
-           "eos_token_id": eos, "seed": seed, "shard_by": dcfg.shard_by, "tokenizer": tok_info,
+           "eos_token_id": int(tok.eos_token_id), "doc_separator": {"token": sep_token, "id": sep},
+           "seed": seed, "shard_by": dcfg.shard_by, "tokenizer": tok_info,
            "split_method": {"val_fraction": dcfg.val_fraction, "test_fraction": dcfg.test_fraction,
                             "hash": "blake2b(seed, split key) -> [0,1): test below test_fraction, then val"},
            "min_doc_chars": dcfg.min_doc_chars, "on_bad_utf8": dcfg.on_bad_utf8,
@@ -158,11 +160,15 @@ def _make_tokenizer(ctx: StageContext, splits: dict[str, dict[str, list[Document
                 f"({len(texts)} train documents)")
     else:
         tok = tokmod.load_base_tokenizer(cfg.base.name_or_path, cfg.base.revision, cfg.base.trust_remote_code,
-                                         config_file)
+                                         config_file, gguf_file=cfg.base.gguf_file)
         info = tokmod.tokenizer_info(tok, "base", cfg.base.name_or_path)
-        info["revision"] = cfg.base.revision
+        info.update(revision=cfg.base.revision, gguf_file=cfg.base.gguf_file)
         ctx.log(f"[data] using the base model's tokenizer ({type(tok).__name__}, {len(tok)} tokens, "
                 f"eos {tok.eos_token!r})")
+    token, token_id = tokmod.doc_separator(tok, cfg.data.doc_separator, tcfg.kind, config_file)
+    info["doc_separator"] = {"token": token, "id": token_id, "setting": cfg.data.doc_separator}
+    ctx.log(f"[data] documents are separated by {token!r} (id {token_id}; data.doc_separator: "
+            f"{cfg.data.doc_separator})")
     tokmod.save_tokenizer(tok, ctx.output("tokenizer"))
     return tok, info
 
