@@ -31,7 +31,7 @@ def build_fake_run(run_dir: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     from downscale import models, pipeline
-    from downscale._io import dir_fingerprint, write_json_atomic
+    from downscale._io import write_json_atomic
     from downscale.config import load_config
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [f"run.dir={run_dir}"], check_paths=False)
@@ -52,12 +52,7 @@ def build_fake_run(run_dir: Path) -> None:
     base = models.build_model(cfg.base.init, vocab_size=vocab, max_positions=block)
     models.save_causal_lm(base, run_dir / "base", tokenizer_dir=run_dir / "tokenizer")
     for name in ("data", "base"):  # recorded as the pipeline records a finished stage
-        stage = pipeline.get_stage(name)
-        manifest = pipeline.load_manifest(run_dir)
-        pipeline._update_entry(run_dir, name, {
-            "status": "complete", "ended": "bench", "config_hash": cfg.section_hash(*stage.depends_on),
-            "inputs": pipeline._inputs(run_dir, stage, manifest),
-            "outputs": {o: dir_fingerprint(run_dir / o) for o in stage.outputs}})
+        pipeline.record_complete(cfg, name)
 
 
 def main() -> int:

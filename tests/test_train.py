@@ -147,7 +147,12 @@ def test_base_stage_pretrains_saves_and_reloads(tmp_path) -> None:
     assert pipeline.stage_status(cfg, pipeline.get_stage("base"))[0] == "complete"
     other = cfg.model_copy(deep=True)
     other.base.train.lr = 1e-4
-    assert pipeline.stage_status(other, pipeline.get_stage("base")) == ("stale", "config changed")
+    assert pipeline.stage_status(other, pipeline.get_stage("base")) == (
+        "stale", "config changed: base.train.lr (0.003 -> 0.0001)")
+    # what pretraining does not read: logging and checkpoint cadence
+    quiet = cfg.model_copy(deep=True)
+    quiet.base.train.log_every, quiet.base.train.save_every = 5, 3
+    assert pipeline.stage_status(quiet, pipeline.get_stage("base"))[0] == "complete"
 
 
 def test_tensorboard_tracker_receives_the_metrics(tmp_path) -> None:

@@ -137,15 +137,8 @@ def mark_complete(cfg, stage_name: str) -> None:
     """Record ``stage_name`` as complete in the run's manifest, as pipeline.run_stage would after writing
     its outputs (which must already exist under the run directory)."""
     from downscale import pipeline
-    from downscale._io import dir_fingerprint
 
-    stage = pipeline.get_stage(stage_name)
-    manifest = pipeline.load_manifest(cfg.run_dir)
-    entry = {"status": "complete", "started": "", "ended": f"test-{stage_name}",
-             "config_hash": cfg.section_hash(*stage.depends_on),
-             "inputs": pipeline._inputs(cfg.run_dir, stage, manifest),
-             "outputs": {o: dir_fingerprint(cfg.run_dir / o) for o in stage.outputs}, "seed": cfg.run.seed}
-    pipeline._update_entry(cfg.run_dir, stage_name, entry)
+    pipeline.record_complete(cfg, stage_name)
 
 
 def fake_data_run(tmp_path: str | Path, n_docs: int = 40, **sections):

@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "shards with --student, else of every shard) and exit")
 
     p = sub.add_parser("run", help="run every stage in order, skipping complete ones",
-                       description="Run the stages in order. A stage that is complete with the same config and "
-                                   "inputs is skipped; one whose config or inputs changed re-runs, and so does "
-                                   "everything after it.")
+                       description="Run the stages in order. A stage that is complete with the same config keys "
+                                   "(those it reads) and inputs is skipped; one whose keys or inputs changed "
+                                   "re-runs, and the stages after it re-run if what they read of its outputs "
+                                   "changed. `downscale status` shows what would run.")
     _add_config_args(p)
     p.add_argument("--from", dest="start", choices=STAGE_NAMES, default=STAGE_NAMES[0], help="first stage")
     p.add_argument("--to", dest="stop", choices=STAGE_NAMES, default=STAGE_NAMES[-1], help="last stage")
@@ -138,14 +139,15 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2) if args.json else cfg.to_yaml(), end="")
         return 0
     if args.command == "status":
-        manifest = pipeline.load_manifest(cfg.run_dir)
-        rows = {s.name: pipeline.stage_status(cfg, s, manifest) for s in pipeline.STAGES}
+        rows = pipeline.plan(cfg)
         if args.json:
             print(json.dumps({k: {"status": v[0], "why": v[1]} for k, v in rows.items()}, indent=2))
         else:
             print(f"run directory: {cfg.run_dir}")
             for name, (status, why) in rows.items():
                 print(f"  {name:<11} {status:<9} {why}")
+            todo = [name for name, (status, _) in rows.items() if status != "complete"]
+            print(f"`downscale run` would run: {', '.join(todo)}" if todo else "`downscale run` has nothing to do")
         return 0
     if args.command == "compress" and args.plan:
         try:

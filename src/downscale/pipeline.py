@@ -1,8 +1,15 @@
 """The run directory, its manifest, the stage order and resume.
 
 A run directory holds one experiment. ``manifest.json`` records, for each stage: status,
-start and end time, the hash of the config parts it depends on, the fingerprints of its
-inputs (the outputs of upstream stages) and of its own outputs, package versions and seed.
+start and end time, the config keys it read and their hash, the fingerprints of its inputs
+(the parts of upstream stages' outputs that it reads) and of its own outputs, package versions
+and seed. The resolved config each stage last completed with is kept in ``<run>/configs/<stage>.yaml``.
+
+What re-runs a stage (``stage_status``): a change in the config keys it reads (``stage_keys``; keys
+that only change logging, checkpoint cadence, speed, the device or where files go are not among
+them), or in the content it reads of upstream stages' outputs. A stage that re-runs and writes the
+same content as before does not re-run the stages after it. ``plan`` predicts what ``run_all`` will
+do (``downscale status``).
 
 A stage writes its outputs into a staging folder (``<run>/.staging/<stage>/``) under their
 final names; only when it returns are they renamed into place and the manifest marked
@@ -13,7 +20,10 @@ which survives an interruption.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import hashlib
 import importlib
+import json
 import os
 import shutil
 import sys
@@ -23,7 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from downscale._io import dir_fingerprint, package_versions, read_json, replace_dir, write_json_atomic
+from downscale._io import (
+    dir_fingerprint,
+    file_fingerprint,
+    package_versions,
+    read_json,
+    replace_dir,
+    write_json_atomic,
+    write_text_atomic,
+)
 from downscale.config import ExperimentConfig
 
 
@@ -35,29 +53,125 @@ class NotBuiltYet(StageError):
     """The stage exists in the design but has not been implemented yet."""
 
 
+# Keys of a TrainConfig that change only what is logged and how often state is saved, never the result
+# (resume from any checkpoint is exact, and validation does not touch the weights or the data order).
+TRAIN_MONITORING = ("log_every", "report_to", "eval_every", "save_every", "keep_checkpoints")
+# The optimizer and schedule keys of a TrainConfig that a loop with its own step count reads (compress's
+# recovery between rounds, evaluate's control): every key but max_steps and the monitoring ones.
+TRAIN_SCHEDULE = ("batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas",
+                  "max_grad_norm")
+# v1: each stage hashed whole config sections. v2: the keys each stage reads (``stage_keys``). A manifest
+# entry recorded under another version is stale once, and says so.
+HASH_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The config keys a stage reads. ``content``: dotted keys (a section stands for every key below it,
+    less ``exclude``) that shape what later stages read of its outputs; ``report``: keys that change only
+    its report files (``Stage.reports``). A key that does not exist in the schema is skipped."""
+
+    content: tuple[str, ...]
+    report: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+
+def _kd_keys(cfg: ExperimentConfig) -> list[str]:
+    s = cfg.specialize
+    return (["specialize.kd_ratio", "specialize.kd_loss", "specialize.temperature"]
+            + (["specialize.jsd_beta"] if s.kd_loss == "jsd" else [])
+            + (["specialize.skew_alpha"] if s.kd_loss == "skew_kl" else []))
+
+
+def _data_keys(cfg: ExperimentConfig) -> Keys:
+    content, exclude = ["run.seed", "data"], []
+    if cfg.data.shard_by != "cluster":
+        exclude.append("data.cluster")
+    if cfg.data.tokenizer.kind == "base":  # the tokenizer (and its separator token) come from the base
+        content += ["base.name_or_path", "base.revision", "base.gguf_file", "base.trust_remote_code"]
+        exclude += ["data.tokenizer.vocab_size", "data.tokenizer.min_frequency", "data.tokenizer.train_chars"]
+    return Keys(tuple(content), exclude=tuple(exclude))
+
+
+def _base_keys(cfg: ExperimentConfig) -> Keys:
+    if cfg.base.name_or_path:  # imported: the weights come from the source; the validation loss is a report
+        return Keys(("base.name_or_path", "base.revision", "base.gguf_file", "base.dtype", "base.trust_remote_code"),
+                    report=("base.import_eval_batches", "base.train.batch_size", "run.precision"))
+    return Keys(("run.seed", "run.precision", "base.init", "base.train"), report=("base.train.eval_batches",),
+                exclude=tuple(f"base.train.{k}" for k in TRAIN_MONITORING))
+
+
+def _compress_keys(cfg: ExperimentConfig) -> Keys:
+    content = ["run.seed", "run.precision", "compress", "base.dtype"]  # base.dtype: the base is loaded in it
+    if cfg.base.name_or_path:
+        content.append("base.trust_remote_code")
+    if cfg.compress.recover_steps > 0:  # distillation between rounds, with specialize's KD and optimizer settings
+        content += _kd_keys(cfg) + [f"specialize.train.{k}" for k in TRAIN_SCHEDULE if k != "grad_accum"]
+    return Keys(tuple(content), report=("compress.val_blocks",))
+
+
+def _specialize_keys(cfg: ExperimentConfig) -> Keys:
+    s = cfg.specialize
+    exclude = [f"specialize.train.{k}" for k in TRAIN_MONITORING]
+    # speed and location only: the chunking of the fused loss, torch.compile, where teacher caches live
+    exclude += ["specialize.kd_chunk_tokens", "specialize.compile", "specialize.cache_dir"]
+    exclude += [k for k in ("specialize.jsd_beta", "specialize.skew_alpha") if k not in _kd_keys(cfg)]
+    if s.teacher != "cache":
+        exclude += ["specialize.cache_top_k", "specialize.cache_logprob_dtype"]
+    if not s.lora:
+        exclude += ["specialize.lora_rank", "specialize.lora_alpha"]
+    return Keys(("run.seed", "run.precision", "specialize"), exclude=tuple(exclude))
+
+
+def _combine_keys(cfg: ExperimentConfig) -> Keys:
+    return Keys(("run.precision", "combine"))
+
+
+def _evaluate_keys(cfg: ExperimentConfig) -> Keys:
+    # evaluate.device_watts and grid_gco2_per_kwh only change the ledger's energy and CO2 columns, but the
+    # ledger is made inside the stage: changing them re-runs it (the honest, simple choice)
+    content, exclude = ["run.seed", "run.precision", "evaluate"], []
+    if cfg.evaluate.control:  # the control trains with specialize's loop settings (its step count is its own)
+        content += [f"specialize.train.{k}" for k in TRAIN_SCHEDULE
+                    if k != "lr" or cfg.evaluate.control_lr is None]
+    else:
+        exclude.append("evaluate.control_lr")
+    return Keys(tuple(content), exclude=tuple(exclude))
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     module: str  # "downscale.stages.<x>"; its ``run(ctx) -> dict`` is the entry
-    depends_on: tuple[str, ...]  # config parts (dotted) whose change re-runs the stage
+    keys: Callable[[ExperimentConfig], Keys]  # the config keys it reads; a change re-runs the stage
     upstream: tuple[str, ...]  # stages whose outputs this stage reads
     outputs: tuple[str, ...]  # paths under the run directory that this stage writes
     # An incremental stage writes its outputs part by part (each part atomically, e.g. one student
     # folder) straight into the run directory, and records each part in the manifest, so that parts
     # can run as independent jobs; the pipeline does not stage and rename its outputs as a whole.
     incremental: bool = False
+    # Report files among the outputs (globs relative to the run directory): summaries and metrics that
+    # the stages reading this one's "content" never open. Only ``reads_reports`` stages read them.
+    reports: tuple[str, ...] = ()
+    # upstream stages whose report files this stage reads too (a function of the config where that depends on it)
+    reads_reports: tuple[str, ...] | Callable[[ExperimentConfig], tuple[str, ...]] = ()
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("data", "downscale.stages.data", ("run.seed", "data", "base.name_or_path", "base.revision"), (),
-          ("data", "tokenizer")),
-    Stage("base", "downscale.stages.base", ("run.seed", "run.precision", "base"), ("data",), ("base",)),
-    Stage("compress", "downscale.stages.compress", ("run.seed", "compress"), ("data", "base"), ("students",)),
-    Stage("specialize", "downscale.stages.specialize", ("run.seed", "run.precision", "specialize"),
-          ("data", "base", "compress"), ("specialized",), incremental=True),
-    Stage("combine", "downscale.stages.combine", ("combine",), ("data", "compress", "specialize"), ("ensemble",)),
-    Stage("evaluate", "downscale.stages.evaluate", ("evaluate",), ("data", "base", "compress", "specialize",
-                                                                    "combine"), ("eval",)),
+    Stage("data", "downscale.stages.data", _data_keys, (), ("data", "tokenizer")),
+    Stage("base", "downscale.stages.base", _base_keys, ("data",), ("base",),
+          reports=("base/train_summary.json", "base/metrics.jsonl")),
+    Stage("compress", "downscale.stages.compress", _compress_keys, ("data", "base"), ("students",),
+          reports=("students/compress.json", "students/*/compress_student.json")),
+    Stage("specialize", "downscale.stages.specialize", _specialize_keys, ("data", "base", "compress"),
+          ("specialized",), incremental=True),
+    # combine records the fingerprint of each student folder it combines (summaries included) in ensemble.json
+    Stage("combine", "downscale.stages.combine", _combine_keys, ("data", "compress", "specialize"), ("ensemble",),
+          reads_reports=lambda cfg: ("compress", "specialize") if cfg.combine.source == "students" else
+          ("specialize",)),
+    Stage("evaluate", "downscale.stages.evaluate", _evaluate_keys, ("data", "base", "compress", "specialize",
+                                                                     "combine"), ("eval",),
+          reads_reports=("base", "compress", "specialize", "combine")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -67,6 +181,76 @@ def get_stage(name: str) -> Stage:
         if stage.name == name:
             return stage
     raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- config keys and their hashes
+
+
+def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _flatten(v, f"{prefix}.{k}", out)
+    else:  # a value, or a list (sources, betas, modes): one leaf
+        out[prefix] = node
+
+
+def _select(dump: dict, keys: tuple[str, ...], exclude: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in keys:
+        node: Any = dump
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            _flatten(node, key, out)
+    return {k: v for k, v in out.items() if not any(k == x or k.startswith(x + ".") for x in exclude)}
+
+
+def stage_keys(cfg: ExperimentConfig, stage: Stage | str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(content, report): the config values ``stage`` reads, by dotted key. A change in either re-runs it; only a
+    change in ``content`` can change what the stages after it read of its outputs."""
+    stage = get_stage(stage) if isinstance(stage, str) else stage
+    keys = stage.keys(cfg)
+    dump = cfg.model_dump(mode="json")
+    return (_select(dump, keys.content, keys.exclude + keys.report), _select(dump, keys.report, keys.exclude))
+
+
+def _hash(values: dict[str, Any]) -> str:
+    payload = json.dumps({"version": HASH_VERSION, "keys": values}, sort_keys=True)
+    return f"v{HASH_VERSION}:{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+
+
+def config_hash(cfg: ExperimentConfig, stage: Stage | str) -> str:
+    """The hash of every config key ``stage`` reads (``stage_keys``): what its manifest entry records."""
+    content, report = stage_keys(cfg, stage)
+    return _hash({**content, **report})
+
+
+def content_hash(cfg: ExperimentConfig, stage: Stage | str) -> str:
+    """The hash of the keys that shape the content of ``stage``'s outputs (its report files aside)."""
+    return _hash(stage_keys(cfg, stage)[0])
+
+
+def _scheme(entry: dict) -> str:
+    recorded = str(entry.get("config_hash") or "")
+    return recorded.split(":", 1)[0] if ":" in recorded else "v1"
+
+
+def _diff(old: dict | None, new: dict[str, Any], limit: int = 3) -> str:
+    """``key (old -> new), ...`` for the keys whose values differ; '' when the old values were not recorded."""
+    if not isinstance(old, dict):
+        return ""
+    missing = object()
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k, missing) != new.get(k, missing)]
+
+    def show(value: Any) -> str:
+        text = "unset" if value is missing else json.dumps(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    parts = [f"{k} ({show(old.get(k, missing))} -> {show(new.get(k, missing))})" for k in changed[:limit]]
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    return (": " + ", ".join(parts) + more) if parts else ""
 
 
 @dataclass
@@ -171,20 +355,53 @@ def part_is_complete(run_dir: Path, stage: str, part: str, config_hash: str, inp
                 and dir_fingerprint(output) == entry.get("output"))
 
 
-def _inputs(run_dir: Path, stage: Stage, manifest: dict) -> dict[str, dict]:
-    """Recorded output fingerprints of the upstream stages; a missing upstream is an error."""
+def _reads_reports(stage: Stage, cfg: ExperimentConfig | None) -> tuple[str, ...]:
+    whole = stage.reads_reports
+    if callable(whole):
+        return whole(cfg) if cfg is not None else stage.upstream  # no config: assume every report is read
+    return whole
+
+
+def _inputs(run_dir: Path, stage: Stage, manifest: dict, cfg: ExperimentConfig | None = None) -> dict[str, dict]:
+    """What this stage reads of each upstream stage, by its recorded fingerprint: ``{up: {"content": fp}}`` (its
+    outputs less its report files) or ``{up: {"all": fp}}``. A missing upstream is an error."""
+    whole = _reads_reports(stage, cfg)
     out = {}
     for up in stage.upstream:
         entry = manifest["stages"].get(up)
         if not entry or entry.get("status") != "complete":
             raise StageError(f"stage '{stage.name}' needs stage '{up}' to be complete in {run_dir}: "
                              f"run `downscale {up}` first (or `downscale run`)")
-        out[up] = entry["outputs"]
+        product = "all" if up in whole else "content"
+        products = entry.get("products")
+        out[up] = {product: products[product]} if products else {"outputs": entry.get("outputs")}  # old entries
     return out
 
 
+def _products(run_dir: Path, stage: Stage) -> dict[str, str]:
+    """Fingerprints of the stage's outputs as the stages after it read them: ``all`` (every file) and
+    ``content`` (every file but the report files, ``Stage.reports``)."""
+    files = []
+    for name in stage.outputs:
+        path = run_dir / name
+        found = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
+        files += [(f.relative_to(run_dir).as_posix(), f) for f in found]
+    every, content = hashlib.sha256(), hashlib.sha256()
+    for rel, f in sorted(files):
+        item = f"{rel}\0{file_fingerprint(f)}\n".encode()
+        every.update(item)
+        if not any(fnmatch.fnmatch(rel, pattern) for pattern in stage.reports):
+            content.update(item)
+    return {"content": content.hexdigest()[:16], "all": every.hexdigest()[:16]}
+
+
+def _current_scheme(entry: dict) -> bool:
+    return _scheme(entry) == f"v{HASH_VERSION}"
+
+
 def stage_status(cfg: ExperimentConfig, stage: Stage, manifest: dict | None = None) -> tuple[str, str]:
-    """('complete' | 'stale' | 'missing', why) for one stage against the current config."""
+    """('complete' | 'stale' | 'missing', why) for one stage against the current config and its upstream stages'
+    recorded outputs: what ``run_stage`` decides by. ``plan`` also looks ahead at upstream stages that will re-run."""
     run_dir = cfg.run_dir
     manifest = manifest if manifest is not None else load_manifest(run_dir)
     entry = manifest["stages"].get(stage.name)
@@ -192,13 +409,20 @@ def stage_status(cfg: ExperimentConfig, stage: Stage, manifest: dict | None = No
         return "missing", "never run"
     if entry.get("status") != "complete":
         return "missing", f"last attempt {entry.get('status')}"
-    if entry.get("config_hash") != cfg.section_hash(*stage.depends_on):
-        return "stale", "config changed"
+    if not _current_scheme(entry):
+        return "stale", (f"recorded by another downscale version (config hash {_scheme(entry)}, this one uses "
+                         f"v{HASH_VERSION}): re-runs once")
+    if entry.get("config_hash") != config_hash(cfg, stage):
+        content, report = stage_keys(cfg, stage)
+        return "stale", "config changed" + _diff(entry.get("config_keys"), {**content, **report})
     try:
-        if entry.get("inputs") != _inputs(run_dir, stage, manifest):
-            return "stale", "inputs changed"
+        now = _inputs(run_dir, stage, manifest, cfg)
     except StageError as exc:
         return "stale", str(exc)
+    recorded = entry.get("inputs") or {}
+    if recorded != now:
+        changed = [up for up in now if recorded.get(up) != now[up]] or list(now)
+        return "stale", f"inputs changed: {', '.join(changed)} re-ran since"
     for name, fp in entry.get("outputs", {}).items():
         path = run_dir / name
         if not path.exists():
@@ -206,6 +430,70 @@ def stage_status(cfg: ExperimentConfig, stage: Stage, manifest: dict | None = No
         if dir_fingerprint(path) != fp:
             return "stale", f"output {name} changed on disk"
     return "complete", "up to date"
+
+
+def plan(cfg: ExperimentConfig, manifest: dict | None = None) -> dict[str, tuple[str, str]]:
+    """What ``run_all`` will do, per stage: ('complete' | 'stale' | 'missing', why), as ``stage_status`` says, and
+    a complete stage is also stale when an upstream stage will re-run and change what it reads of its outputs
+    ("upstream x will re-run"). A re-run is taken to change its report files always (they hold timings) and the
+    rest of its outputs when the config keys of that content or its inputs changed, or when there is no complete
+    record to compare with: with the same keys and inputs, the stages write the same content (on a GPU a
+    re-run can differ in the last bits, and then the stages after it re-run too)."""
+    manifest = manifest if manifest is not None else load_manifest(cfg.run_dir)
+    changes: dict[str, dict[str, bool]] = {}
+    out: dict[str, tuple[str, str]] = {}
+    for stage in STAGES:
+        status, why = stage_status(cfg, stage, manifest)
+        whole = _reads_reports(stage, cfg)
+        moving = [up for up in stage.upstream if changes.get(up, {}).get("all" if up in whole else "content")]
+        if status == "complete" and moving:
+            status, why = "stale", f"upstream {moving[0]} will re-run"
+        out[stage.name] = (status, why)
+        changes[stage.name] = _will_change(cfg, stage, manifest, status, bool(moving))
+    return out
+
+
+def _will_change(cfg: ExperimentConfig, stage: Stage, manifest: dict, status: str, inputs_move: bool) -> dict:
+    """Whether running ``stage`` now will change its products (``content``, ``all``), judged against its last
+    complete record: a stage that is complete does not run; a re-run rewrites its report files (``all``
+    changes), and writes the recorded content again unless its content keys or inputs changed."""
+    if status == "complete":
+        return {"content": False, "all": False}
+    entry = manifest["stages"].get(stage.name) or {}
+    if entry.get("status") != "complete" or not _current_scheme(entry) or not entry.get("products"):
+        return {"content": True, "all": True}
+    try:
+        moved = inputs_move or entry.get("inputs") != _inputs(cfg.run_dir, stage, manifest, cfg)
+    except StageError:
+        return {"content": True, "all": True}
+    return {"content": moved or entry.get("content_hash") != content_hash(cfg, stage), "all": True}
+
+
+def _new_entry(cfg: ExperimentConfig, stage: Stage, inputs: dict) -> dict:
+    content, report = stage_keys(cfg, stage)
+    return {"status": "running", "started": _now(), "ended": None, "config_hash": _hash({**content, **report}),
+            "content_hash": _hash(content), "config_keys": {**content, **report}, "inputs": inputs, "outputs": {},
+            "versions": package_versions(), "seed": cfg.run.seed}
+
+
+def _complete(cfg: ExperimentConfig, stage: Stage, entry: dict) -> dict:
+    """Mark ``entry`` complete: fingerprint the outputs, keep the config the stage ran with, record it."""
+    run_dir = cfg.run_dir
+    config_file = _write_stage_config(cfg, stage.name)
+    entry.update(status="complete", ended=_now(), outputs={o: dir_fingerprint(run_dir / o) for o in stage.outputs},
+                 products=_products(run_dir, stage), config_file=config_file)
+    entry.pop("pid", None)
+    _update_entry(run_dir, stage.name, entry)
+    return entry
+
+
+def record_complete(cfg: ExperimentConfig, name: str, summary: dict | None = None) -> dict:
+    """Record stage ``name`` as complete with the outputs now in the run directory, as ``run_stage`` does after
+    running it (for tools and tests that write a stage's outputs themselves)."""
+    stage = get_stage(name)
+    entry = _new_entry(cfg, stage, _inputs(cfg.run_dir, stage, load_manifest(cfg.run_dir), cfg))
+    entry["summary"] = summary or {}
+    return _complete(cfg, stage, entry)
 
 
 def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callable[[str], None] | None = None,
@@ -226,7 +514,7 @@ def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callab
         if exc.name == stage.module:
             raise NotBuiltYet(f"stage '{name}' is not built yet") from None
         raise
-    inputs = _inputs(run_dir, stage, manifest)
+    inputs = _inputs(run_dir, stage, manifest, cfg)
     if not is_main_process():
         return _run_as_worker(cfg, stage, module, log, **kwargs)
     if stage.incremental and kwargs.get("part") is not None:
@@ -236,19 +524,9 @@ def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callab
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    entry = {
-        "status": "running",
-        "started": _now(),
-        "ended": None,
-        "config_hash": cfg.section_hash(*stage.depends_on),
-        "inputs": inputs,
-        "outputs": {},
-        "versions": package_versions(),
-        "seed": cfg.run.seed,
-        "pid": os.getpid(),
-    }
+    entry = {**_new_entry(cfg, stage, inputs), "pid": os.getpid()}
     _update_entry(run_dir, name, entry)
-    log(f"[{name}] running ({why})")
+    log(f"[{name}] running ({why if status != 'complete' else 'forced'})")
     t0 = time.time()
     ctx = StageContext(cfg=cfg, run_dir=run_dir, staging=staging, stage=name, log=log)
     try:
@@ -267,10 +545,8 @@ def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callab
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    entry.update(status="complete", ended=_now(), seconds=round(time.time() - t0, 2),
-                 outputs={o: dir_fingerprint(run_dir / o) for o in stage.outputs}, summary=summary)
-    entry.pop("pid", None)
-    _update_entry(run_dir, name, entry)
+    entry.update(seconds=round(time.time() - t0, 2), summary=summary)
+    _complete(cfg, stage, entry)
     log(f"[{name}] complete in {entry['seconds']:.1f}s")
     return entry
 
@@ -290,11 +566,8 @@ def _run_part(cfg: ExperimentConfig, stage: Stage, module: Any, inputs: dict, lo
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if summary.get("all_parts_complete"):
-        entry = {"status": "complete", "started": summary.get("started", _now()), "ended": _now(),
-                 "config_hash": cfg.section_hash(*stage.depends_on), "inputs": inputs,
-                 "outputs": {o: dir_fingerprint(cfg.run_dir / o) for o in stage.outputs},
-                 "versions": package_versions(), "seed": cfg.run.seed, "summary": summary}
-        _update_entry(cfg.run_dir, stage.name, entry)
+        entry = {**_new_entry(cfg, stage, inputs), "started": summary.get("started", _now()), "summary": summary}
+        _complete(cfg, stage, entry)
         log(f"[{stage.name}] every part is complete: stage complete")
     return summary
 
@@ -321,23 +594,26 @@ def _run_as_worker(cfg: ExperimentConfig, stage: Stage, module: Any, log: Callab
 
 def run_all(cfg: ExperimentConfig, stages: tuple[str, ...] = STAGE_NAMES, force: bool = False,
             log: Callable[[str], None] | None = None) -> dict[str, dict]:
-    """Run ``stages`` in order. Once one stage re-runs, every later stage re-runs too."""
-    results = {}
-    rerun = force
-    for name in stages:
-        before = load_manifest(cfg.run_dir)["stages"].get(name, {}).get("ended")
-        entry = run_stage(cfg, name, force=rerun, log=log)
-        results[name] = entry
-        if entry.get("ended") != before:
-            rerun = True  # this stage produced new outputs: everything downstream follows
-    return results
+    """Run ``stages`` in order, each unless it is complete (``stage_status``); ``force`` re-runs every one of
+    them. A stage after one that re-ran runs again only if what it reads of that one's outputs changed (its
+    recorded input fingerprints no longer match): the cascade follows content, not time."""
+    return {name: run_stage(cfg, name, force=force, log=log) for name in stages}
 
 
 def _write_resolved_config(cfg: ExperimentConfig) -> None:
-    from downscale._io import write_text_atomic
-
-    header = f"# resolved config of run '{cfg.run.name}', from {cfg._source}\n"
+    """``<run>/config.yaml``: the config of the latest stage run (any stage); see ``_write_stage_config``."""
+    header = f"# resolved config of run '{cfg.run.name}', from {cfg._source}: the latest stage run's\n"
     write_text_atomic(cfg.run_dir / "config.yaml", header + cfg.to_yaml())
+
+
+def _write_stage_config(cfg: ExperimentConfig, stage: str) -> str:
+    """``<run>/configs/<stage>.yaml``: the resolved config the stage's current outputs were made with.
+    Returns its path relative to the run directory."""
+    rel = f"configs/{stage}.yaml"
+    header = (f"# resolved config that stage '{stage}' of run '{cfg.run.name}' last completed with, from "
+              f"{cfg._source} at {_now()}\n# (the keys it depends on: manifest.json, stages.{stage}.config_keys)\n")
+    write_text_atomic(cfg.run_dir / rel, header + cfg.to_yaml())
+    return rel
 
 
 def _now() -> str:
