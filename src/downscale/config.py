@@ -243,6 +243,34 @@ class ShapeConfig(_Section):
     num_layers: int | None = Field(None, ge=1, description="Student decoder layers; null: planned (see prune_depth).")
 
 
+class SearchConfig(_Section):
+    """Shape search: candidate shapes at the parameter budget, each cut from the cached importance scores and
+    scored on held-out blocks of each student's own shard; the best is kept (see pruning/search.py)."""
+
+    enabled: bool = Field(
+        True, description="Search the split of the cut (MLP, hidden, heads within groups, whole KV groups, depth "
+                          "with prune_depth) instead of taking the split policy's one shape; off: the policy's shape."
+    )
+    max_candidates: int = Field(
+        32, ge=1, description="At most this many grid shapes (an even spread over the grid when it has more); the "
+                              "split policy's shape is always one of them."
+    )
+    blocks: int = Field(
+        8, ge=1, description="Held-out train blocks (not calibration blocks) of each student's own shard that score "
+                             "the finalists; earlier halving rounds use fewer."
+    )
+    start_blocks: int = Field(1, ge=1, description="Blocks per candidate in the first successive-halving round.")
+    finalists: int = Field(3, ge=1, description="Candidates that reach the last scoring round (and distillation).")
+    distill_steps: int = Field(
+        0, ge=0, description="Distillation steps from the base given to each finalist before the choice (Minitron: "
+                             "the ranking can change after a little training); 0: choose right after pruning."
+    )
+    random_baseline: bool = Field(
+        True, description="Also cut a student of the chosen shape with random importance and record its loss "
+                          "beside the real one in compress.json (what the importance method buys)."
+    )
+
+
 class CompressConfig(_Section):
     num_students: int | None = Field(
         None, ge=1, description="How many students; null: one per shard. Student i specializes on shard i."
@@ -252,9 +280,11 @@ class CompressConfig(_Section):
                                "ignored when every shape field is set; null: unset shape fields keep the base size."
     )
     shape: ShapeConfig = Field(default_factory=ShapeConfig, description="Explicit shape (overrides the planner).")
-    importance: Literal["magnitude", "activation", "taylor"] = Field(
-        "activation", description="Channel/head/layer scores: weight magnitude, mean |activation| on calibration "
-                                  "data (Minitron), or first-order Taylor |grad x weight| on calibration data."
+    importance: Literal["magnitude", "activation", "taylor", "random"] = Field(
+        "activation", description="Channel/head/layer scores: mean |activation| on calibration data (Minitron), "
+                                  "first-order Taylor |grad x weight| on calibration data, weight magnitude (can "
+                                  "be worse than random on trained LLMs: it ignores the scale of the inputs), or "
+                                  "random (seeded; a baseline)."
     )
     calibration: Literal["own_shard", "all_shards"] = Field("own_shard", description="Calibration text per student.")
     calibration_sequences: int = Field(64, ge=1, description="Calibration blocks (train split) per importance pass.")
@@ -266,7 +296,10 @@ class CompressConfig(_Section):
         "within_groups", description="GQA head pruning: query heads inside each KV group, or whole KV groups."
     )
     round_to: int = Field(8, ge=1, description="Hidden and MLP sizes are rounded down to a multiple of this.")
-    prune_depth: bool = Field(False, description="Allow removing whole decoder layers.")
+    prune_depth: bool = Field(
+        True, description="Allow removing whole decoder layers (the search's depth candidates; the split policy "
+                          "cuts depth by split_depth)."
+    )
     split_mlp: float = Field(
         1.0, ge=0, description="Split policy: a dimension keeps r**split of its size (r solved for the target); "
                                "the MLP exponent (largest: MLP is cut most, per Minitron)."
@@ -281,6 +314,7 @@ class CompressConfig(_Section):
         0, ge=0, description="Iterative mode: distillation steps from the base between pruning rounds (0: none); "
                              "uses specialize's KD settings and its batch size and learning rate.",
     )
+    search: SearchConfig = Field(default_factory=SearchConfig, description="Shape search at the budget.")
 
 
 # --------------------------------------------------------------------------- specialize

@@ -232,6 +232,27 @@ def content_hash(cfg: ExperimentConfig, stage: Stage | str) -> str:
     return _hash(stage_keys(cfg, stage)[0])
 
 
+def resume_hash(cfg: ExperimentConfig, stage: Stage | str, drop: tuple[str, ...] = (), **extra: Any) -> str:
+    """The key of a stage's own resumable state (a training run's checkpoints under ``<run>/work/<stage>/``): the
+    content keys ``stage`` reads (``stage_keys``; never a logging, checkpoint-cadence or speed key) less those under
+    ``drop`` (a section stands for every key below it), plus ``extra`` values (a part's index, the fingerprints of
+    the upstream outputs it starts from: ``recorded_content``)."""
+    content, _ = stage_keys(cfg, stage)
+    keys = {k: v for k, v in content.items() if not any(k == d or k.startswith(d + ".") for d in drop)}
+    return _hash({"resume": keys, **extra})
+
+
+def recorded_content(run_dir: Path, stages: tuple[str, ...]) -> dict[str, str | None]:
+    """The content fingerprint (``products["content"]``, report files aside) each of ``stages`` was last recorded
+    complete with; None for one not recorded so. What resumable state made from their outputs is keyed by."""
+    recorded = load_manifest(run_dir)["stages"]
+    out: dict[str, str | None] = {}
+    for name in stages:
+        entry = recorded.get(name) or {}
+        out[name] = (entry.get("products") or {}).get("content") if entry.get("status") == "complete" else None
+    return out
+
+
 def _scheme(entry: dict) -> str:
     recorded = str(entry.get("config_hash") or "")
     return recorded.split(":", 1)[0] if ":" in recorded else "v1"

@@ -106,10 +106,60 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
            f"{len(results['ensemble_size_curve'])} students. The law's constants were fitted to large models; at "
            "this scale they are a reference, not a prediction.", ""]
     md += ["## Parameters", "", f"![loss vs parameters]({plots['params']})", ""]
+    md += compression_md(results.get("compression") or {})
     md += _ledger_md(results)
     text = "\n".join(md) + "\n"
     write_text_atomic(out_dir / "report.md", text)
     return out_dir / "report.md"
+
+
+def compression_summary(comp: dict, top: int = 10) -> dict:
+    """What the report shows of ``students/compress.json``: the chosen shape and how, the candidates the
+    search scored (best ``top``), and per student the loss right after pruning beside its baselines."""
+    if not comp:
+        return {}
+    search = comp.get("search") or {}
+    out = {"chosen": (comp.get("plan") or {}).get("chosen"), "policy_shape": (comp.get("plan") or {}).get("student"),
+           "importance": (comp.get("settings") or {}).get("importance"), "base_val_loss": comp["base"]["val_loss"],
+           "candidates": (search.get("candidates") or [])[:top], "grid_size": search.get("grid_size"),
+           "ranked_by": search.get("ranked_by"), "search_seconds": search.get("seconds"), "students": []}
+    for st in comp.get("students", []):
+        out["students"].append({"index": st["index"], "shard": st["shard"], "val_loss": st["val_loss"],
+                                "random_baseline": (st.get("random_baseline") or {}).get("val_loss"),
+                                "unsearched": (st.get("unsearched") or {}).get("val_loss")})
+    return out
+
+
+def compression_md(comp: dict) -> list[str]:
+    """The report's compression section (empty without compress.json)."""
+    if not comp or not comp.get("students"):
+        return []
+    ch = comp.get("chosen") or {}
+    shape = ch.get("shape") or {}
+    md = ["## Compression", "",
+          f"Students of {_fmt_params((ch.get('params') or {}).get('total'))} parameters "
+          f"({ch.get('fraction_of_base', 0):.1%} of the base), shape chosen by {ch.get('by', '?')}: hidden "
+          f"{shape.get('hidden_size')}, MLP {shape.get('intermediate_size')}, heads {shape.get('num_heads')}/"
+          f"{shape.get('num_kv_heads')} (query/KV), {shape.get('num_layers')} layers; importance "
+          f"{comp.get('importance')}. Validation loss right after pruning (pooled, nats/token), beside a student "
+          "of the same shape cut with random importance and the split policy's shape (what the search replaced):",
+          "", "| student | shard | pruned | random importance | split policy's shape |", "|---|---|---|---|---|"]
+    for st in comp["students"]:
+        rnd, uns = st.get("random_baseline") or {}, st.get("unsearched") or {}
+        md.append(f"| {st['index']} | {st['shard']} | {st['val_loss']['pooled']:.3f} | "
+                  f"{_fmt_num(rnd.get('pooled'), 3)} | {_fmt_num(uns.get('pooled'), 3)} |")
+    md.append(f"| base | | {comp['base_val_loss']['pooled']:.3f} | | |")
+    if comp.get("candidates"):
+        md += ["", f"Shape search: {comp.get('grid_size')} grid shapes, best {len(comp['candidates'])} of those scored "
+               f"({comp.get('ranked_by')}; mean NLL on held-out train blocks of each student's own shard; "
+               f"{_fmt_num(comp.get('search_seconds'), 0)} s):", "",
+               "| cut | hidden | MLP | heads | layers | params | loss |", "|---|---|---|---|---|---|---|"]
+        for c in comp["candidates"]:
+            s = c["shape"]
+            md.append(f"| {c['family']} | {s['hidden_size']} | {s['intermediate_size']} | {s['num_heads']}/"
+                      f"{s['num_kv_heads']} | {s['num_layers']} | {c['fraction_of_base']:.1%} | "
+                      f"{_fmt_num(c.get('loss'), 3)} |")
+    return md + [""]
 
 
 def _ledger_md(results: dict) -> list[str]:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from downscale._io import write_json_atomic
+from downscale.pipeline import TRAIN_MONITORING
 
 CKPT_PREFIX = "step-"
 
@@ -256,6 +257,31 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 # --------------------------------------------------------------------------- the loop
 
 
+# Keys of a TrainConfig that never change the weights a run ends with: the pipeline's monitoring keys (what is
+# logged and when, how often state is saved and how much of it is kept) and eval_batches (validation neither
+# touches the weights nor draws from an RNG). A checkpoint made under other values of them is resumed; every
+# other key, max_steps included (the cosine schedule spans it), is part of the checkpoint's key.
+TRAJECTORY_NEUTRAL = (*TRAIN_MONITORING, "eval_batches")
+# r1: the caller's hash, the loop's settings and the data order (``resume_key``). Before it, a checkpoint recorded
+# the caller's hash alone (whole config sections): such a checkpoint is not resumed, and the run starts afresh once.
+RESUME_KEY_VERSION = 1
+
+
+def resume_key(config_hash: str, cfg: Any, sampler: BlockSampler) -> str:
+    """What a checkpoint must have been made with for ``fit`` to resume from it: the caller's ``config_hash``
+    (what the loss and the starting weights depend on), every key of ``cfg`` that shapes the trajectory (all but
+    ``TRAJECTORY_NEUTRAL``) and the sampler's data order (seed, global batch, mix, the sources' sizes)."""
+    import hashlib
+
+    dump = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else dict(vars(cfg))
+    loop = {k: v for k, v in dump.items() if k not in TRAJECTORY_NEUTRAL}
+    order = {"seed": sampler.seed, "global_batch": sampler.global_batch, "counts": sampler.counts,
+             "sources": [[int(n) for n in s.shape] for s in sampler.sources]}
+    payload = json.dumps({"caller": config_hash, "loop": loop, "order": order}, sort_keys=True, default=str)
+    return f"r{RESUME_KEY_VERSION}:{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+
+
+
 @dataclass
 class FitResult:
     steps: int
@@ -286,7 +312,9 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
         desc: str = "train", log: Callable[[str], None] = print, config_hash: str = "",
         on_step: Callable[[int], None] | None = None) -> FitResult:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps (a ``TrainConfig``), resuming from the
-    newest checkpoint in ``work_dir/checkpoints`` made with the same ``config_hash``.
+    newest checkpoint in ``work_dir/checkpoints`` made with the same ``resume_key``: the same ``config_hash``
+    (the caller's: whatever the loss and the starting weights depend on), the same loop settings (a change in a
+    ``TRAJECTORY_NEUTRAL`` key, logging or checkpoint cadence, still resumes) and the same data order.
 
     ``loss_fn(model, micro_batch) -> (loss, stats)``: the mean loss of one micro-batch (``stats``
     are floats averaged into the logs). ``validate(model) -> {name: value}`` runs every
@@ -313,6 +341,7 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
     scaler = getattr(accelerator, "scaler", None)
     skipped_in_a_row = 0
     start, tokens, resumed_from, history = 0, 0, None, []
+    config_hash = resume_key(config_hash, cfg, sampler)
     ckpts = list_checkpoints(ckpt_root)
     resume = None
     if ckpts:

@@ -12,6 +12,14 @@ Three methods (``compress.importance``):
   slice a unit owns (the gradient of the mean next-token loss). Each gradient is reduced to unit
   scores the moment it is accumulated and then freed, so an 8B model never holds a full gradient.
 
+- ``random``: seeded uniform random scores for every unit (a baseline: what a real method buys over it).
+
+``magnitude`` can be worse than random on a trained LLM: it ignores the scale of each weight's input, and
+trained LLaMAs route a few "massive activation" hidden channels through tiny weights (SmolLM2-135M: of the 8
+hidden channels with the largest mean |activation|, two rank 573rd and 575th of 576 by weight magnitude, so
+magnitude pruning removes them first; its MLP scores are uncorrelated with activation, Spearman 0.00, and its
+head scores anti-correlated, -0.37). It is kept as the classic baseline, with a warning when chosen.
+
 Every calibration pass also records each RMSNorm's input mean square per channel (``norm_ms``),
 which the hidden-size surgery uses to rescale norm weights. Scores are small (a few vectors per
 layer) and are cached as safetensors (see ``save_scores`` / ``load_scores``).
@@ -29,7 +37,7 @@ import torch
 
 from downscale.pruning.structure import RULES, decoder_layers, norm_modules, parse_name
 
-METHODS = ("magnitude", "activation", "taylor")
+METHODS = ("magnitude", "activation", "taylor", "random")
 
 
 @dataclass
@@ -80,6 +88,17 @@ def _accumulate(scores: Scores, name: str, t: torch.Tensor, head_dim: int) -> No
             getattr(scores, unit)[layer] += vec
     if layer is not None:
         scores.layers[layer] += float(t.sum())
+
+
+@torch.no_grad()
+def random_scores(model, seed: int) -> Scores:
+    """Uniform random scores in [0, 1) for every unit, from ``seed`` (the same seed, the same choice)."""
+    scores = _empty(model, "random")
+    gen = torch.Generator().manual_seed(int(seed))
+    for name in ("mlp", "heads", "kv", "hidden", "layers"):
+        t = getattr(scores, name)
+        setattr(scores, name, torch.rand(t.shape, generator=gen, dtype=torch.float64))
+    return scores
 
 
 @torch.no_grad()
@@ -167,12 +186,12 @@ class _Hooks:
 
 
 def calibration_scores(model, blocks: np.ndarray, method: str, batch_size: int, device: torch.device,
-                       amp: torch.dtype | None = None, desc: str = "calibration") -> Scores:
+                       amp: torch.dtype | None = None, desc: str = "calibration", seed: int = 0) -> Scores:
     """Scores from one pass over calibration ``blocks`` [N, T] (token ids) in batches.
 
-    ``activation`` and ``magnitude`` run forward only (magnitude uses the pass only for the norm
-    statistics); ``taylor`` also runs backward and reduces each gradient to unit scores as it lands.
-    Every method returns ``norm_ms``.
+    ``activation``, ``magnitude`` and ``random`` run forward only (magnitude and random use the pass only for the
+    norm statistics; random draws its scores from ``seed``); ``taylor`` also runs backward and reduces each
+    gradient to unit scores as it lands. Every method returns ``norm_ms``.
     """
     from tqdm.auto import tqdm
 
@@ -239,6 +258,8 @@ def calibration_scores(model, blocks: np.ndarray, method: str, batch_size: int, 
         out = act
     elif method == "taylor":
         out = taylor
+    elif method == "random":
+        out = random_scores(model, seed)
     else:
         out = magnitude_scores(model)
     out.norm_ms = norm_ms

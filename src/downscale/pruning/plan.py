@@ -60,6 +60,10 @@ class ArchInfo:
     o_bias: bool  # o_proj carries a bias (llama with attention_bias)
     mlp_bias: bool  # gate/up/down carry biases (llama with mlp_bias)
     base: Shape
+    # the HF config class refuses hidden_size % num_attention_heads != 0 even with an explicit head_dim
+    # (transformers 5.x's LlamaConfig); probed from the class itself, so a new version that drops or adds the
+    # check is followed
+    hidden_per_head: bool = False
 
     @property
     def groups(self) -> int:
@@ -84,7 +88,37 @@ def arch_info(config: Any) -> ArchInfo:
         o_bias=model_type == "llama" and attention_bias,
         mlp_bias=model_type == "llama" and bool(getattr(config, "mlp_bias", False)),
         base=Shape(int(config.hidden_size), int(config.intermediate_size), heads, kv, int(config.num_hidden_layers)),
+        hidden_per_head=heads > 1 and _class_refuses(config, hidden_size=heads * head_dim + 1) is not None,
     )
+
+
+def _class_refuses(config: Any, **changes: Any) -> str | None:
+    """Why ``config``'s own class refuses a copy of it with ``changes`` (None: it accepts it)."""
+    d = config.to_dict()
+    d.pop("quantization_config", None)
+    d.update(changes)
+    try:
+        new = type(config).from_dict(d)
+        validate = getattr(new, "validate", None)
+        if callable(validate):
+            validate()
+    except Exception as exc:  # noqa: BLE001 - any refusal of the class is the answer
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        return lines[-1] if lines else type(exc).__name__
+    return None
+
+
+def hidden_step(info: ArchInfo, num_heads: int, round_to: int) -> int:
+    """The multiple a student's hidden size must be: ``round_to``, and a multiple of the query heads where the
+    architecture's config class demands it."""
+    return math.lcm(round_to, num_heads) if info.hidden_per_head else round_to
+
+
+def config_refusal(config: Any, shape: Shape) -> str | None:
+    """Why the HF config class of ``config`` would refuse a student of ``shape`` (so it could not be built,
+    saved or reloaded); None if it accepts it. Cheap: builds a config object, no weights."""
+    new = student_config(config, shape)
+    return _class_refuses(new)
 
 
 def count_params(info: ArchInfo, shape: Shape | None = None) -> dict[str, int]:
@@ -206,6 +240,10 @@ def check_shape(info: ArchInfo, shape: Shape, field: str = "compress.shape") -> 
     if shape.num_heads % shape.num_kv_heads:
         raise PlanError(f"{field}.num_heads", f"impossible head ratio: {shape.num_heads} query heads are not a "
                                               f"multiple of {shape.num_kv_heads} KV heads")
+    if info.hidden_per_head and shape.hidden_size % shape.num_heads:
+        raise PlanError(f"{field}.hidden_size", f"hidden_size {shape.hidden_size} is not a multiple of the "
+                                                f"{shape.num_heads} query heads: transformers' {info.model_type} "
+                                                f"config refuses that, so the student could not be built or saved")
     g = shape.num_heads // shape.num_kv_heads
     if g > info.groups:
         raise PlanError(f"{field}.num_heads", f"impossible head ratio: {shape.num_heads} query heads over "
@@ -231,8 +269,9 @@ def plan(info: ArchInfo, target: float | None, fixed: dict[str, int | None] | No
     def shape_at(r: float) -> Shape:
         f = {"mlp": r ** policy.mlp, "hidden": r ** policy.hidden, "heads": r ** policy.heads, "depth": r ** depth_exp}
         heads, kv = _heads(info, f["heads"], mode, fixed.get("num_heads"), fixed.get("num_kv_heads"))
+        step = hidden_step(info, heads, policy.round_to)
         return Shape(
-            hidden_size=fixed.get("hidden_size", _keep(b.hidden_size, f["hidden"], policy.round_to, policy.round_to)),
+            hidden_size=fixed.get("hidden_size", _keep(b.hidden_size, f["hidden"], step, step)),
             intermediate_size=fixed.get("intermediate_size",
                                         _keep(b.intermediate_size, f["mlp"], policy.round_to, policy.round_to)),
             num_heads=heads, num_kv_heads=kv,
@@ -323,9 +362,26 @@ def _round_shapes(info: ArchInfo, final: Shape, k: int, policy: Policy) -> list[
         shapes[i] = merge(shapes[i], shapes[i + 1], max)
     prev = info.base
     for i in range(len(shapes)):  # never larger than the previous round
-        shapes[i] = merge(shapes[i], prev, min)
+        shapes[i] = _buildable(info, merge(shapes[i], prev, min), prev, shapes[i + 1] if i + 1 < len(shapes) else None,
+                               policy.round_to)
         prev = shapes[i]
     return shapes
+
+
+def _buildable(info: ArchInfo, shape: Shape, upper: Shape, lower: Shape | None, round_to: int) -> Shape:
+    """``shape`` with its hidden size moved to the nearest size between ``lower`` and ``upper`` that the
+    architecture accepts with its head count (merging rounds field by field can pair a hidden size with a head
+    count it does not divide); failing that, ``lower`` itself (the round then cuts nothing)."""
+    if not info.hidden_per_head or shape.hidden_size % shape.num_heads == 0:
+        return shape
+    lo = lower.hidden_size if lower is not None else 1
+    step = hidden_step(info, shape.num_heads, round_to)
+    down = shape.hidden_size // step * step
+    up = down + step
+    for h in (down, up):
+        if lo <= h <= upper.hidden_size and h >= 1:
+            return replace(shape, hidden_size=h)
+    return lower if lower is not None else replace(shape, hidden_size=max(step, down))
 
 
 # --------------------------------------------------------------------------- HF config rewrite

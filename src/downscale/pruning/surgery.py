@@ -81,11 +81,12 @@ def norm_rescale_factors(norm_ms: torch.Tensor, hidden: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def extract_student(model, shape: Shape, keep: Keep, norm_ms: torch.Tensor | None = None):
+def extract_student(model, shape: Shape, keep: Keep, norm_ms: torch.Tensor | None = None, share: bool = False):
     """A new HF model of ``shape`` whose weights are the kept slices of ``model``'s (see module doc).
 
     ``norm_ms`` ([2L+1, D] norm input mean squares of ``model``) turns on the RMSNorm rescale when
-    the hidden size shrinks."""
+    the hidden size shrinks. ``share``: tensors that are not cut share storage with ``model`` instead of being
+    copied (for a throw-away student that is only scored, e.g. by the shape search; never train or save one)."""
     from transformers import AutoModelForCausalLM
 
     config = model.config
@@ -121,7 +122,7 @@ def extract_student(model, shape: Shape, keep: Keep, norm_ms: torch.Tensor | Non
             row = norm_row(name, n_layers)
             if row is not None:
                 t = (t.float() * float(rescale[row])).to(p.dtype)
-        if t.data_ptr() == p.data_ptr():
+        if t.data_ptr() == p.data_ptr() and not share:
             t = t.clone()  # an unpruned tensor: the student must not share storage with the source
         state[name if layer is None else rename_layer(name, j)] = t.contiguous()
     with torch.device("meta"):

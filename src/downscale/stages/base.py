@@ -19,7 +19,7 @@ from typing import Any
 
 from downscale._io import read_json
 from downscale.data.blocks import data_meta, open_split
-from downscale.pipeline import StageContext, StageError, is_main_process
+from downscale.pipeline import StageContext, StageError, is_main_process, recorded_content, resume_hash
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", *WEIGHT_PATTERNS)
@@ -97,12 +97,14 @@ def _pretrain(ctx: StageContext, meta: dict, device, amp) -> tuple[Any, dict]:
         return {f"loss/{k}": v for k, v in losses.items()}
 
     # the next-token CE fused with the LM head (no [B, T, V] logits); validation scores through the wrapper,
-    # the FSDP root when sharded. ("-fused": checkpoints of the unwrapped model, whose parameter names lack
-    # the wrapper's "model." prefix, are not resumed.)
+    # the FSDP root when sharded. The checkpoints' key: the stage's keys but its loop's (fit adds those that shape
+    # the trajectory, and the data order: train.resume_key), the data, and the fused objective (checkpoints of the
+    # unwrapped model, whose parameter names lack the wrapper's "model." prefix, are not resumed).
     wrapper = train.FusedCausalLM(model)
+    ckpt_hash = resume_hash(cfg, "base", drop=("base.train",), objective="fused-ce",
+                            inputs=recorded_content(ctx.run_dir, ("data",)))
     result = train.fit(wrapper, cfg=tcfg, sampler=sampler, loss_fn=train.fused_causal_lm_loss, work_dir=work,
-                       accelerator=accelerator, validate=validate, desc="base", log=ctx.log,
-                       config_hash=ctx.cfg.section_hash("run.seed", "run.precision", "base") + "-fused")
+                       accelerator=accelerator, validate=validate, desc="base", log=ctx.log, config_hash=ckpt_hash)
     model = accelerator.unwrap_model(wrapper).model
     if result.full_state is not None:  # trained sharded (FSDP): a plain copy with the gathered weights
         model = models.plain_copy(model, result.full_state, device, prefix="model.")

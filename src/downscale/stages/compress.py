@@ -70,9 +70,14 @@ def base_hf_config(cfg) -> tuple[Any, str]:
         except (ValueError, KeyError, OSError) as exc:
             raise StageError(f"{local}: base.name_or_path: cannot read the base's config ({exc})") from None
     if cfg.base.name_or_path:
+        from downscale.config import resolve_base_path
+
+        kwargs = {"gguf_file": cfg.base.gguf_file} if cfg.base.gguf_file else {}
         try:
-            return AutoConfig.from_pretrained(cfg.base.name_or_path, revision=cfg.base.revision,
-                                              trust_remote_code=cfg.base.trust_remote_code), cfg.base.name_or_path
+            folder = resolve_base_path(cfg.base.name_or_path, cfg._source)
+            return AutoConfig.from_pretrained(folder, revision=cfg.base.revision,
+                                              trust_remote_code=cfg.base.trust_remote_code, **kwargs), \
+                cfg.base.name_or_path
         except (ValueError, KeyError, OSError) as exc:
             msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise StageError(f"{cfg._source}: base.name_or_path: cannot read the config of "
@@ -118,12 +123,12 @@ def plan_command(cfg, as_json: bool = False) -> int:
 def run(ctx: StageContext, recover: Recover | None = None) -> dict:
     """Prune the base into ``cfg.num_students`` students; ``recover(model, round_index, student_index)
     -> model`` runs between iterative rounds (not after the last)."""
-    import numpy as np
     import torch
 
     from downscale import models
     from downscale.data.blocks import open_split, shard_names
     from downscale.pipeline import load_manifest
+    from downscale.pruning.plan import plan_rounds
     from downscale.pruning.surgery import extract_student, select_units, verify_student
 
     cfg, c, run_dir = ctx.cfg, ctx.cfg.compress, ctx.run_dir
@@ -133,6 +138,7 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
                          f"run `downscale base` first")
     hf_config, source = base_hf_config(cfg)
     the_plan = make_plan(cfg, hf_config, source)
+    info = arch_info(hf_config)
     shards = shard_names(run_dir)
     if len(shards) != cfg.num_students:
         raise StageError(f"{run_dir / 'data' / 'meta.json'}: compress.num_students: the data has {len(shards)} "
@@ -140,6 +146,9 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
     for s in shards:
         if len(open_split(run_dir, s, "train")) == 0:
             raise StageError(f"{run_dir / 'data' / s}: compress.calibration: shard {s!r} has no train blocks")
+    if c.importance == "magnitude":
+        ctx.log("[compress] warning: importance 'magnitude' ignores the scale of each weight's input and can be "
+                "worse than random channels on trained LLMs (see the random baseline in compress.json)")
 
     device, amp = models.setup_runtime(cfg.run, tune_allocator=True)
     dtype = _load_dtype(cfg.base.dtype, device)
@@ -148,9 +157,9 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
     base.eval()
     base.config.use_cache = False
     ctx.log(f"[compress] base {the_plan.model_type} {the_plan.base_params['total']:,} params loaded in "
-            f"{time.time() - t_load:.1f}s ({str(dtype).removeprefix('torch.')} on {device}); students of "
-            f"{the_plan.params['total']:,} ({the_plan.params['total'] / the_plan.base_params['total']:.1%}) "
-            f"in {len(the_plan.rounds)} round(s), importance {c.importance}")
+            f"{time.time() - t_load:.1f}s ({str(dtype).removeprefix('torch.')} on {device}); budget "
+            f"{the_plan.params['total']:,} ({the_plan.params['total'] / the_plan.base_params['total']:.1%}) per "
+            f"student, importance {c.importance}")
 
     def val_losses(model) -> dict[str, float]:
         out, tot, cnt = {}, 0.0, 0
@@ -162,29 +171,64 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
         return out
 
     base_val = val_losses(base)
-    if recover is None and c.recover_steps > 0 and len(the_plan.rounds) > 1:
+    needs_recovery = c.recover_steps > 0 or c.search.distill_steps > 0
+    distill_factory = None
+    if needs_recovery:
         from downscale.stages.specialize import distillation_recovery
 
-        recover = distillation_recovery(ctx, base, shards, device, amp)
+        distill_factory = lambda steps: distillation_recovery(ctx, base, shards, device, amp, steps=steps)  # noqa: E731
     manifest = load_manifest(run_dir)["stages"]
     fingerprints = {k: manifest.get(k, {}).get("outputs", {}) for k in ("data", "base")}
     rng_seed = cfg.run.seed
     out_dir = ctx.output("students")
     out_dir.mkdir(parents=True, exist_ok=True)
     score_dir = ctx.work_dir("scores")
+
+    # 1. importance scores of every student on the base (cached: pruning again to another shape needs no pass)
+    calib = []
+    for i, shard in enumerate(shards):
+        t0 = time.time()
+        calib_shards = [shard] if c.calibration == "own_shard" else list(shards)
+        blocks, used = _calibration_blocks(run_dir, calib_shards, c.calibration_sequences, rng_seed, open_split)
+        key = _score_key(fingerprints, c, calib_shards, len(blocks), rng_seed, dtype, amp, device, i)
+        scores, how = _scores(base, blocks, c, device, amp, score_dir / f"{key}.safetensors",
+                              desc=f"student {i} scores", seed=_seed(rng_seed, i))
+        calib.append({"shards": calib_shards, "blocks": blocks, "used": used, "key": key, "scores": scores,
+                      "how": how, "seconds": time.time() - t0})
+
+    # 2. the shape: the search's best (shared by every student), or the split policy's
+    t_search = time.time()
+    search_report, chosen = _choose_shape(ctx, base, info, the_plan, hf_config, shards, calib, device, amp,
+                                          distill_factory(c.search.distill_steps) if c.search.distill_steps else None)
+    if chosen == the_plan.shape:
+        rounds = the_plan.rounds
+    else:
+        rounds = plan_rounds(info, chosen, c.rounds, c.max_cut_per_round, policy_of(cfg))
+    # later rounds' scores are cached too, unless a hook the config does not describe recovers between rounds
+    cache_rounds = recover is None
+    if recover is None and c.recover_steps > 0 and len(rounds) > 1:
+        recover = distill_factory(c.recover_steps)
+    chosen_params = count_params(info, chosen)
+    if search_report is not None:
+        search_report["seconds"] = round(time.time() - t_search, 2)
+
+    # 3. cut every student, round by round
     students = []
     for i, shard in enumerate(shards):
         t0 = time.time()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        calib_shards = [shard] if c.calibration == "own_shard" else list(shards)
-        blocks = _calibration_blocks(run_dir, calib_shards, c.calibration_sequences, rng_seed, open_split, np)
-        key = _score_key(fingerprints, c, calib_shards, len(blocks), rng_seed, dtype, amp, device)
+        cal = calib[i]
         model, rounds_log = base, []
-        for r, shape in enumerate(the_plan.rounds):
+        for r, shape in enumerate(rounds):
             tr = time.time()
-            scores, how = _scores(model, blocks, c, device, amp, score_dir / f"{key}.safetensors" if r == 0 else None,
-                                  desc=f"student {i} round {r + 1} scores")
+            if r == 0:
+                scores, how = cal["scores"], cal["how"]
+            else:  # scores of the previous round's (recovered) student, cached per round
+                rkey = _round_key(cal["key"], r, rounds, c, cfg)
+                cache = score_dir / "rounds" / f"{rkey}.safetensors" if cache_rounds else None
+                scores, how = _scores(model, cal["blocks"], c, device, amp, cache,
+                                      desc=f"student {i} round {r + 1} scores", seed=_seed(rng_seed, i) + r)
             norm_ms = scores.norm_ms if c.norm_rescale else None
             keep = select_units(scores, model.config, shape)
             new = extract_student(model, shape, keep, norm_ms)
@@ -192,41 +236,49 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
             if model is not base:
                 del model
             model = new
-            predicted = count_params(arch_info(hf_config), shape)["total"]
+            predicted = count_params(info, shape)["total"]
             actual = models.count_params(model)
             if actual != predicted:
                 raise RuntimeError(f"student {i} round {r + 1}: {actual:,} parameters, planner said {predicted:,}")
             rounds_log.append({"round": r + 1, "shape": shape.as_dict(), "params": actual, "scores": how,
                                "kept_layers": keep.layers, "seconds": round(time.time() - tr, 2)})
-            ctx.log(f"[compress] student {i} ({shard}) round {r + 1}/{len(the_plan.rounds)}: {shape.as_dict()} "
+            ctx.log(f"[compress] student {i} ({shard}) round {r + 1}/{len(rounds)}: {shape.as_dict()} "
                     f"-> {actual:,} params (scores {how})")
-            if recover is not None and r < len(the_plan.rounds) - 1:
+            if recover is not None and r < len(rounds) - 1:
                 model = recover(model, r, i)
                 model.eval()
         val = val_losses(model)
         entry = {
-            "index": i, "path": str(i), "shard": shard, "calibration_shards": calib_shards,
-            "calibration_blocks": int(len(blocks)), "importance": c.importance,
-            "shape": the_plan.shape.as_dict(), "head_dim": the_plan.head_dim,
-            "params": count_params(arch_info(hf_config), the_plan.shape),
+            "index": i, "path": str(i), "shard": shard, "calibration_shards": cal["shards"],
+            "calibration_blocks": int(len(cal["blocks"])), "importance": c.importance,
+            "shape": chosen.as_dict(), "head_dim": the_plan.head_dim, "params": chosen_params,
             "fraction_of_base": round(models.count_params(model) / the_plan.base_params["total"], 6),
-            "rounds": rounds_log, "recovered_between_rounds": recover is not None and len(the_plan.rounds) > 1,
+            "rounds": rounds_log, "recovered_between_rounds": recover is not None and len(rounds) > 1,
             "val_loss": val, "val_loss_increase": {k: val[k] - base_val[k] for k in val},
-            "seconds": round(time.time() - t0, 2), **_peak_memory(device),
         }
+        entry.update(_baselines(ctx, base, cal, chosen, the_plan.shape, val_losses, c, i))
+        entry.update({"seconds": round(time.time() - t0 + cal["seconds"], 2), **_peak_memory(device)})
         model.config.use_cache = True
         models.save_causal_lm(model, out_dir / str(i), tokenizer_dir=run_dir / "tokenizer",
                               extra_files={"compress_student.json": entry})
         students.append(entry)
+        rb = entry.get("random_baseline", {}).get("val_loss", {}).get("pooled")
         ctx.log(f"[compress] student {i} ({shard}): val loss pooled {val['pooled']:.3f} (base "
-                f"{base_val['pooled']:.3f}) in {entry['seconds']:.1f}s")
+                f"{base_val['pooled']:.3f}" + (f"; random importance {rb:.3f}" if rb is not None else "") +
+                f") in {entry['seconds']:.1f}s")
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    plan_dict = the_plan.to_dict()
+    plan_dict["chosen"] = {"shape": chosen.as_dict(), "params": chosen_params,
+                           "fraction_of_base": round(chosen_params["total"] / the_plan.base_params["total"], 6),
+                           "by": "search" if search_report is not None else "split policy",
+                           "rounds": [{"shape": r.as_dict(), "params": count_params(info, r)["total"]} for r in rounds]}
     report = {
         "base": {"path": "base", "model_type": the_plan.model_type, "shape": the_plan.base.as_dict(),
                  "head_dim": the_plan.head_dim, "params": the_plan.base_params, "val_loss": base_val},
-        "plan": the_plan.to_dict(),
+        "plan": plan_dict,
+        "search": search_report,
         "settings": {"importance": c.importance, "calibration": c.calibration,
                      "calibration_sequences": c.calibration_sequences, "head_mode": the_plan.head_mode,
                      "norm_rescale": c.norm_rescale, "val_blocks": c.val_blocks, "device": str(device),
@@ -238,10 +290,85 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
 
     write_json_atomic(out_dir / "compress.json", report)
     _log_table(ctx, shards, base_val, students)
-    return {"students": len(students), "params": the_plan.params["total"],
-            "fraction_of_base": round(the_plan.params["total"] / the_plan.base_params["total"], 6),
-            "shape": the_plan.shape.as_dict(), "val_loss_pooled": [s["val_loss"]["pooled"] for s in students],
+    return {"students": len(students), "params": chosen_params["total"],
+            "fraction_of_base": round(chosen_params["total"] / the_plan.base_params["total"], 6),
+            "shape": chosen.as_dict(), "chosen_by": plan_dict["chosen"]["by"],
+            "val_loss_pooled": [s["val_loss"]["pooled"] for s in students],
             "base_val_loss_pooled": base_val["pooled"]}
+
+
+def _choose_shape(ctx: StageContext, base, info, the_plan: Plan, hf_config, shards: list[str], calib: list[dict],
+                  device, amp, distill) -> tuple[dict | None, Any]:
+    """(the search's report, the chosen shape); without a search (off, or every shape field fixed) the split
+    policy's shape and None."""
+    from downscale.data.blocks import open_split
+    from downscale.pruning import search
+    from downscale.pruning.plan import config_refusal
+
+    cfg, c = ctx.cfg, ctx.cfg.compress
+    fixed = {k: v for k, v in c.shape.model_dump().items() if v is not None}
+    if not c.search.enabled or len(fixed) == 5 or the_plan.target is None:
+        return None, the_plan.shape
+    grid = search.candidate_shapes(info, the_plan.target, c.round_to, depth=c.prune_depth, fixed=fixed,
+                                   refusal=lambda s: config_refusal(hf_config, s))
+    policy = search.as_candidates([the_plan.shape], info, family="policy")[0]
+    for cand in grid:
+        if cand.shape == policy.shape:
+            cand.family = f"policy ({cand.family})"
+            policy = cand
+    candidates = search.spread(grid, c.search.max_candidates, keep=policy)
+    students = []
+    for i, shard in enumerate(shards):
+        data = open_split(ctx.run_dir, shard, "train")
+        idx = _draw(len(data), c.search.blocks, [cfg.run.seed, 104729, i, len(data)], cal_exclude(calib[i], shard))
+        students.append(search.SearchStudent(calib[i]["scores"], data[idx], c.norm_rescale))
+    ctx.log(f"[compress] shape search: {len(candidates)} candidates at {the_plan.target:,} parameters, "
+            f"{len(students)} students, up to {c.search.blocks} held-out blocks each")
+    finalists = search.run_search(base, candidates, students, blocks=c.search.blocks,
+                                  start_blocks=c.search.start_blocks, finalists=c.search.finalists,
+                                  batch_size=c.calibration_batch_size, device=device, amp=amp,
+                                  log=lambda m: ctx.log("[compress]" + m),
+                                  distill=None if distill is None else (lambda model, j: distill(model, 0, j)))
+    best = finalists[0]
+    base_total = the_plan.base_params["total"]
+    for line in search.describe(candidates, base_total, limit=12):
+        ctx.log("[compress]   " + line)
+    ctx.log(f"[compress] chosen: {best.family} {best.shape.as_dict()} (policy shape {policy.loss:.3f}, best "
+            f"{best.loss:.3f} on the search blocks)")
+    report = {"candidates": [cand.to_dict(base_total) for cand in sorted(candidates, key=lambda x: x.loss)],
+              "grid_size": len(grid), "blocks": c.search.blocks, "start_blocks": c.search.start_blocks,
+              "finalists": c.search.finalists, "distill_steps": c.search.distill_steps,
+              "chosen": best.to_dict(base_total), "policy": policy.to_dict(base_total),
+              "ranked_by": "loss after distillation" if distill is not None else "loss right after pruning",
+              "loss": "mean over students of the mean NLL on each student's held-out train blocks of its own shard"}
+    return report, best.shape
+
+
+def cal_exclude(cal: dict, shard: str):
+    """Train-block indices of ``shard`` used for calibration (the search's held-out blocks avoid them)."""
+    return cal["used"].get(shard)
+
+
+def _baselines(ctx, base, cal: dict, chosen, policy_shape, val_losses, c, i: int) -> dict:
+    """The random-importance student of the chosen shape, and the split policy's shape when the search chose
+    another: their validation losses right after one-shot pruning, beside the real student's."""
+    from downscale.pruning.importance import random_scores
+    from downscale.pruning.surgery import extract_student, select_units
+
+    out: dict = {}
+    norm_ms = cal["scores"].norm_ms if c.norm_rescale else None
+    if c.search.random_baseline and c.importance != "random":
+        rnd = random_scores(base, _seed(ctx.cfg.run.seed, i) + 1)
+        model = extract_student(base, chosen, select_units(rnd, base.config, chosen), norm_ms)
+        out["random_baseline"] = {"importance": "random", "shape": chosen.as_dict(), "one_shot": True,
+                                  "val_loss": val_losses(model)}
+        del model
+    if policy_shape != chosen:
+        model = extract_student(base, policy_shape, select_units(cal["scores"], base.config, policy_shape), norm_ms)
+        out["unsearched"] = {"shape": policy_shape.as_dict(), "one_shot": True, "val_loss": val_losses(model),
+                             "note": "the split policy's shape (what compress chose before the search)"}
+        del model
+    return out
 
 
 # --------------------------------------------------------------------------- helpers
@@ -258,33 +385,64 @@ def _load_dtype(name: str, device) -> str:
     return "float32"
 
 
-def _calibration_blocks(run_dir: Path, shards: list[str], n: int, seed: int, open_split, np):
-    """``n`` train blocks drawn without replacement (seeded), split evenly over ``shards``."""
+def _draw(n: int, take: int, seed: list[int], exclude=None):
+    """``take`` sorted indices below ``n`` drawn without replacement (seeded), avoiding ``exclude`` while enough
+    others remain."""
+    import numpy as np
+
+    pool = np.arange(n)
+    if exclude is not None and n - len(exclude) >= min(take, n):
+        pool = np.setdiff1d(pool, np.asarray(exclude))
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(pool, size=min(take, len(pool)), replace=False))
+
+
+def _calibration_blocks(run_dir: Path, shards: list[str], n: int, seed: int, open_split):
+    """``n`` train blocks drawn without replacement (seeded), split evenly over ``shards``; and the indices used
+    per shard."""
+    import numpy as np
+
     per = [n // len(shards) + (1 if k < n % len(shards) else 0) for k in range(len(shards))]
-    parts = []
+    parts, used = [], {}
     for k, (s, want) in enumerate(zip(shards, per, strict=True)):
         data = open_split(run_dir, s, "train")
-        take = min(want, len(data))
-        rng = np.random.default_rng([seed, k, len(data)])
-        idx = np.sort(rng.choice(len(data), size=take, replace=False))
+        idx = _draw(len(data), want, [seed, k, len(data)])
+        used[s] = idx
         parts.append(np.asarray(data[idx], dtype=np.int64))
-    return np.concatenate(parts, axis=0)
+    return np.concatenate(parts, axis=0), used
 
 
-def _score_key(fingerprints: dict, c, shards: list[str], n_blocks: int, seed: int, dtype, amp, device) -> str:
+def _seed(seed: int, student: int) -> int:
+    return seed * 1_000_003 + 7919 * (student + 1)
+
+
+def _score_key(fingerprints: dict, c, shards: list[str], n_blocks: int, seed: int, dtype, amp, device,
+               student: int) -> str:
     payload = {"fingerprints": fingerprints, "method": c.importance, "shards": shards, "blocks": n_blocks,
                "seed": seed, "dtype": str(dtype), "amp": str(amp), "device": device.type,
                "batch_size": c.calibration_batch_size}
+    if c.importance == "random":  # drawn per student
+        payload["student"] = student
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _scores(model, blocks, c, device, amp, cache: Path | None, desc: str):
-    """Scores from the cache (round 1 on the base) or a new calibration pass; returns (scores, how)."""
+def _round_key(key: str, r: int, rounds: list, c, cfg) -> str:
+    """Cache key of round ``r``'s scores: the first round's key, every earlier round's shape, and what the
+    recovery between rounds did (its steps and specialize's KD and training settings)."""
+    payload = {"key": key, "round": r, "shapes": [s.as_dict() for s in rounds[:r]],
+               "recover_steps": c.recover_steps, "norm_rescale": c.norm_rescale,
+               "recovery": cfg.section_hash("specialize") if c.recover_steps else None}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _scores(model, blocks, c, device, amp, cache: Path | None, desc: str, seed: int = 0):
+    """Scores from the cache or a new calibration pass; returns (scores, how)."""
     from downscale.pruning.importance import calibration_scores, load_scores, save_scores
 
     if cache is not None and cache.is_file():
         return load_scores(cache), "cached"
-    scores = calibration_scores(model, blocks, c.importance, c.calibration_batch_size, device, amp, desc=desc)
+    scores = calibration_scores(model, blocks, c.importance, c.calibration_batch_size, device, amp, desc=desc,
+                                seed=seed)
     if cache is not None:
         save_scores(scores, cache)
     return scores, "computed"

@@ -309,10 +309,15 @@ def train_control(ctx: StageContext, device, amp):
             f"the students consumed {student_tokens})")
     # the fused CE: no [B, T, V] logits (the control of an 8B base at a 128k vocabulary is where they hurt)
     wrapper = train.FusedCausalLM(model)
+    # the checkpoints' key: the run's seed and precision, the base and data it trains on, the fused objective; fit
+    # adds the loop settings that shape the trajectory (specialize.train's, its lr the control_lr, its step count
+    # its own) and the data order (train.resume_key). The rest of the evaluate section does not touch it.
+    ckpt_hash = pipeline.resume_hash(cfg, "evaluate", drop=("evaluate", "specialize.train"),
+                                     objective="control-fused-ce",
+                                     inputs=pipeline.recorded_content(run_dir, ("data", "base")))
     result = train.fit(wrapper, cfg=tcfg, sampler=sampler, loss_fn=train.fused_causal_lm_loss,
                        work_dir=ctx.work_dir("control"), accelerator=accelerator, validate=None, desc="control",
-                       log=ctx.log, config_hash=cfg.section_hash("run.seed", "specialize.train", "evaluate") +
-                       f"-{student_tokens}-fused")
+                       log=ctx.log, config_hash=ckpt_hash)
     model = accelerator.unwrap_model(wrapper).model
     if result.full_state is not None:  # trained sharded (FSDP): a plain copy with the gathered weights
         model = models.plain_copy(model, result.full_state, device, prefix="model.")
@@ -359,6 +364,9 @@ def assemble_results(ctx: StageContext, rows: list[dict], curve: dict, shards: l
     results["law_fit"] = fits
     results["downscaling_guarantee"] = law.downscaling_guarantee(n0=base_params / 1e9, l0=base["loss"]["pooled"])
     results["ledger"] = compute_ledger(ctx, rows, control_info)
+    from downscale.report import compression_summary
+
+    results["compression"] = compression_summary(_maybe_json(ctx.run_dir / "students" / "compress.json"))
     results["verdict"] = _verdict(rows)
     return results
 

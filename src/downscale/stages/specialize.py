@@ -41,7 +41,10 @@ def run(ctx: StageContext, part: int | str | None = None) -> dict:
     which = range(n) if part is None else [int(part)]
     manifest = pipeline.load_manifest(run_dir)
     inputs = pipeline._inputs(run_dir, pipeline.get_stage(STAGE), manifest)
-    part_hash = cfg.section_hash("run.seed", "run.precision", "specialize")
+    # a student is complete when it was trained with the keys the stage reads (pipeline.stage_keys): a change in a
+    # logging, checkpoint-cadence or speed key (specialize.train.log_every, kd_chunk_tokens, ...) does not retrain
+    # it. (Parts recorded under the former whole-section hash are not recognised: they are trained once more.)
+    part_hash = pipeline.config_hash(cfg, STAGE)
     summaries: dict[str, dict] = {}
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for i in which:
@@ -172,9 +175,13 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
         return {f"ce/{shard}": res["ce"], f"kl/{shard}": res["kl"]}
 
     work = ctx.work_dir(f"student-{i}")
+    # the checkpoints' key: the stage's keys but its loop's (fit adds those that shape the trajectory, and the data
+    # order: train.resume_key), the student and what it starts from (the student, the base, the data). A logging
+    # or checkpoint-cadence change resumes; an lr, batch or KD change starts afresh.
+    ckpt_hash = pipeline.resume_hash(cfg, STAGE, drop=("specialize.train",), student=i,
+                                     inputs=pipeline.recorded_content(run_dir, pipeline.get_stage(STAGE).upstream))
     result = train.fit(wrapper, cfg=tcfg, sampler=sampler, loss_fn=loss_fn, work_dir=work, accelerator=accelerator,
-                       validate=validate, desc=f"student {i} ({shard})", log=ctx.log,
-                       config_hash=cfg.section_hash("run.seed", "run.precision", "specialize") + f"-{i}")
+                       validate=validate, desc=f"student {i} ({shard})", log=ctx.log, config_hash=ckpt_hash)
     wrapper = accelerator.unwrap_model(wrapper)
     student = wrapper.student
     if result.full_state is not None:  # trained sharded (FSDP): a plain copy with the gathered weights
@@ -309,13 +316,14 @@ def build_caches(cfg: Any, student: int | None = None, log=None) -> list[str]:
 # --------------------------------------------------------------------------- compress recovery
 
 
-def distillation_recovery(ctx: StageContext, teacher, shards: list[str], device, amp):
-    """The compress stage's recovery hook: ``compress.recover_steps`` steps of distillation from the base
-    (already loaded as ``teacher``) on the student's own shard, with specialize's KD settings."""
+def distillation_recovery(ctx: StageContext, teacher, shards: list[str], device, amp, steps: int | None = None):
+    """The compress stage's recovery hook: ``steps`` (default ``compress.recover_steps``) steps of distillation
+    from the base (already loaded as ``teacher``) on the student's own shard, with specialize's KD settings.
+    Also the shape search's short distillation of its finalists (``compress.search.distill_steps``)."""
     from downscale import models, train
 
     cfg, scfg = ctx.cfg, ctx.cfg.specialize
-    steps, tcfg = cfg.compress.recover_steps, scfg.train
+    steps, tcfg = (cfg.compress.recover_steps if steps is None else steps), scfg.train
 
     def recover(model, round_index: int, student_index: int):
         model = model.float()  # fp32 master weights for the few optimizer steps
