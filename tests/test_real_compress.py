@@ -29,8 +29,10 @@ def _tree(tmp, base_dir, **compress) -> dict:
                      "tokenizer": {"kind": "base"}, "block_size": 128, "val_fraction": 0.1, "test_fraction": 0.1,
                      "max_tokens_per_shard": 40_000, "max_eval_tokens_per_shard": 2048},
             "base": {"name_or_path": str(base_dir), "import_eval_batches": 1, "train": {"batch_size": 4}},
-            # the defaults, except the cost knobs of calibration and reporting
-            "compress": {"calibration_sequences": 16, "val_blocks": 8, **compress},
+            # the defaults, except the cost knobs of calibration, search and reporting (a spread of 12 of the
+            # grid's ~43 shapes at 0.6: the full grid takes ~4x as long)
+            "compress": {"calibration_sequences": 16, "val_blocks": 8, "search": {"max_candidates": 12},
+                         **compress},
             "specialize": {"train": {"batch_size": 2, "lr": 3e-4, "warmup_steps": 1}}}
 
 
@@ -92,7 +94,6 @@ def test_real_model_compress_at_0_4(smol_compress_run):
     cfg = smol_compress_run.model_copy(deep=True)
     cfg._source = smol_compress_run._source
     cfg.compress.target_params = 0.4
-    cfg.compress.search.max_candidates = 16  # a spread of the grid: time (the 0.6 run searched all of it)
     pipeline.run_stage(cfg, "compress")  # the importance scores come from the cache of the 0.6 run
     rep = _check_reload_and_quality(cfg, 0.4)
     assert rep["students"][0]["rounds"][0]["scores"] == "cached"

@@ -428,10 +428,13 @@ def _score_key(fingerprints: dict, c, shards: list[str], n_blocks: int, seed: in
 
 def _round_key(key: str, r: int, rounds: list, c, cfg) -> str:
     """Cache key of round ``r``'s scores: the first round's key, every earlier round's shape, and what the
-    recovery between rounds did (its steps and specialize's KD and training settings)."""
+    recovery between rounds did (its steps and specialize's KD and training settings, as the pipeline lists the
+    keys compress reads: logging keys never invalidate scores)."""
+    from downscale.pipeline import content_hash
+
     payload = {"key": key, "round": r, "shapes": [s.as_dict() for s in rounds[:r]],
                "recover_steps": c.recover_steps, "norm_rescale": c.norm_rescale,
-               "recovery": cfg.section_hash("specialize") if c.recover_steps else None}
+               "recovery": content_hash(cfg, "compress") if c.recover_steps else None}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
