@@ -62,11 +62,20 @@ def _check_reload_and_quality(cfg, target: float) -> dict:
     assert st["params"]["total"] <= target * rep["base"]["params"]["total"]
     assert config_refusal(base.config, shape) is None
     assert rep["plan"]["chosen"]["by"] == "search" and rep["search"]["candidates"]
+    assert st["reload_max_abs_logit_diff"] == 0.0  # the stage checked it too
     # the saved student reloads in plain transformers, with the logits of the student cut again in memory
     reloaded = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "students" / "0").eval()
     scores = [load_scores(p) for p in (cfg.run_dir / "work" / "compress" / "scores").glob("*.safetensors")]
     assert len(scores) == 1
-    again = extract_student(base, shape, select_units(scores[0], base.config, shape), scores[0].norm_ms).eval()
+    again = base
+    for r, rnd in enumerate(st["rounds"]):  # more than half cut: two rounds, the second scored on the first's cut
+        if r > 0:
+            cached = sorted((cfg.run_dir / "work" / "compress" / "scores" / "rounds").glob("*.safetensors"),
+                            key=lambda p: p.stat().st_mtime)
+            scores = [load_scores(cached[-1])]
+        s = Shape(**rnd["shape"])
+        again = extract_student(again, s, select_units(scores[0], again.config, s), scores[0].norm_ms).eval()
+    assert again.config.num_hidden_layers == shape.num_layers
     ids = torch.as_tensor(np.asarray(open_split(cfg.run_dir, "code", "val")[:2], dtype=np.int64))
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, again(ids).logits)

@@ -1,7 +1,9 @@
 """Small file helpers: atomic writes, directory fingerprints, provenance.
 
 Every artifact is written to a temporary name and renamed, so an interrupted stage never
-leaves something that looks complete.
+leaves something that looks complete. The temporary file gets the mode a plain ``open()`` would
+give it (0666 less the umask), not ``mkstemp``'s 0600: run directories are shared (SLURM jobs,
+other users of a group), and a renamed artifact must read like any other file written there.
 """
 
 from __future__ import annotations
@@ -19,19 +21,61 @@ _FULL_HASH_LIMIT = 64 * 2**20
 _CHUNK = 2**20
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS shows it (Linux: /proc/self/status); elsewhere
+    set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file_for(path: str | Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """(fd, name) of a new temporary file next to ``path`` (``.<name>.<random><suffix>``), to be renamed onto
+    ``path`` once written. Its mode is what ``open(path, "w")`` would give (0666 less the umask), not the 0600
+    of ``mkstemp``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~current_umask())
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
+
+
+def with_filename(exc: BaseException, path: str | Path) -> BaseException:
+    """``exc`` itself, or for an OSError that names no file (a full disk seen by ``write`` or ``fsync``) the same
+    error naming ``path``: what the CLI's one line shows."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+        return OSError(exc.errno, exc.strerror or str(exc), str(path))
+    return exc
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_for(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        named = with_filename(exc, path)
+        if named is not exc:
+            raise named from exc
         raise
 
 

@@ -7,6 +7,7 @@ are fast. Bad input exits with status 2 and one line on stderr, never a tracebac
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -51,12 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGE_NAMES:
         p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
         _add_config_args(p)
-        p.add_argument("--force", action="store_true", help="run even if the stage is complete")
+        p.add_argument("--force", action="store_true",
+                       help="run again even if complete, training from step 0 (its checkpoints are discarded)")
         if name == "compress":
             p.add_argument("--plan", action="store_true", help="print the student shape plan and exit (no weights)")
             p.add_argument("--json", action="store_true", help="with --plan: print JSON")
         if name == "specialize":
-            p.add_argument("--student", type=int, default=None, help="train only student i (parallel jobs)")
+            p.add_argument("--student", default=None, metavar="I",
+                           help="train only student I, 0-based (parallel jobs); with --force, retrain it")
             p.add_argument("--cache-only", action="store_true",
                            help="with specialize.teacher=cache: only build the teacher caches (of student i's "
                                 "shards with --student, else of every shard) and exit")
@@ -117,6 +120,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from downscale.config import ConfigError, load_config
     from downscale.pipeline import NotBuiltYet, StageError
 
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides, check_paths=args.command not in ("config", "status"))
         return _dispatch(args, cfg)
@@ -130,6 +134,68 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print("downscale: interrupted; complete stages are kept, the interrupted one resumes from its last "
               "checkpoint", file=sys.stderr)
         return 130
+    except (OSError, ValueError, RuntimeError) as exc:
+        line = _known_failure(exc, cfg)
+        if line is None:  # a bug: its traceback is what a report needs
+            raise
+        return _fail(line)
+
+
+# errors of the file system that the user fixes, not the code: one line, exit 2
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _known_failure(exc: BaseException, cfg) -> str | None:
+    """The one line for a failure the user can act on, raised from inside a stage: a diverged training, an
+    unusable teacher cache, a full disk or a file that cannot be written, transformers' refusal to run a model's
+    own code. None for anything else (a bug keeps its traceback)."""
+    train, cache = sys.modules.get("downscale.train"), sys.modules.get("downscale.teacher_cache")
+    if (train is not None and isinstance(exc, train.TrainingDiverged)) or (
+            cache is not None and isinstance(exc, cache.TeacherCacheError)):
+        return " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL | _NOT_WRITABLE:
+        where = f"{exc.filename}: " if exc.filename else ""
+        what = exc.strerror or errno.errorcode.get(exc.errno, str(exc.errno))
+        if exc.errno in _DISK_FULL:
+            return (f"{where}{what}: free some space (or set run.dir elsewhere) and run again; complete stages are "
+                    f"kept, and an interrupted training resumes from its last checkpoint")
+        return f"{where}{what}" + (f" (run.dir is {cfg.run_dir})" if cfg is not None else "")
+    if isinstance(exc, ValueError) and cfg is not None:
+        from downscale.config import remote_code_refusal
+
+        refused = remote_code_refusal(exc, cfg._source, cfg.base.name_or_path)
+        return str(refused) if refused is not None else None
+    return None
+
+
+def _student_index(args: argparse.Namespace, cfg) -> int | None:
+    """``--student`` as an index below the number of students, checked whatever the state of the run."""
+    from downscale.config import ConfigError
+
+    raw = getattr(args, "student", None)
+    if raw is None:
+        return None
+    n = cfg.num_students
+    text = str(raw).strip()
+    if not (text.lstrip("-").isdigit() and 0 <= int(text) < n):
+        raise ConfigError(f"command line (--student {raw})", "--student",
+                          f"expected a student index 0..{n - 1} ({cfg._source} has {n} students)")
+    return int(text)
+
+
+def _preflight(cfg, stages: tuple[str, ...]) -> None:
+    """Before a command that writes into the run directory: it is a folder this process can write, and this machine
+    can honour run.device, run.precision and (for specialize) specialize.teacher_quant. One ConfigError line
+    otherwise, with nothing written. torch is imported only when the answer depends on it."""
+    from downscale import pipeline
+
+    quant = "specialize" in stages and cfg.specialize.teacher_quant != "none"
+    if cfg.run.device == "cuda" or cfg.run.precision == "fp16" or quant:
+        from downscale import models
+
+        models.check_runtime(cfg, stages)
+    pipeline.check_run_dir(cfg)
 
 
 def _dispatch(args: argparse.Namespace, cfg) -> int:
@@ -159,6 +225,7 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
         i, j = STAGE_NAMES.index(args.start), STAGE_NAMES.index(args.stop)
         if i > j:
             return _fail(f"--from {args.start} comes after --to {args.stop}")
+        _preflight(cfg, STAGE_NAMES[i:j + 1])
         before = pipeline.load_manifest(cfg.run_dir)["stages"].get("evaluate", {}).get("ended")
         entries = pipeline.run_all(cfg, STAGE_NAMES[i:j + 1], force=args.force)
         results = cfg.run_dir / "eval" / "results.json"
@@ -170,14 +237,16 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
             print(report.main_table(res) + "\n" + report.verdict(res), file=sys.stderr)
             print(f"report: {cfg.run_dir / 'eval' / 'report.md'}", file=sys.stderr)
         return 0
+    student = _student_index(args, cfg)
+    _preflight(cfg, (args.command,))
     if args.command == "specialize" and args.cache_only:
         from downscale.stages.specialize import build_caches
 
-        build_caches(cfg, args.student)
+        build_caches(cfg, student)
         return 0
     kwargs = {}
-    if args.command == "specialize" and args.student is not None:
-        kwargs["part"] = args.student
+    if args.command == "specialize" and student is not None:
+        kwargs["part"] = student
     pipeline.run_stage(cfg, args.command, force=args.force, **kwargs)
     return 0
 

@@ -38,9 +38,10 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 class _Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are checked on assignment."""
+    """Base of every config section: unknown keys are errors, values are checked on assignment, and every float is
+    finite (``.inf`` and ``.nan`` are refused: no learning rate, ratio or budget means anything infinite)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- run
@@ -454,8 +455,9 @@ class ExperimentConfig(_Section):
     combine: CombineConfig = Field(default_factory=CombineConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
-    # Where the config came from; not part of the schema.
+    # Where the config came from, and the command line's overrides; not part of the schema.
     _source: str = "<config>"
+    _overrides: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _tokenizer_matches_base(self) -> ExperimentConfig:
@@ -504,6 +506,11 @@ class ExperimentConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def origin(self, key: str) -> str:
+        """Where the value of dotted ``key`` came from, as a ``ConfigError`` names it: ``command line (key=value)``
+        when an override set it, else the config file."""
+        return _origin_of(key, [(*parse_override(o), o) for o in self._overrides], self._source)
 
 
 # --------------------------------------------------------------------------- loading
@@ -564,7 +571,7 @@ def _describe(err: dict) -> tuple[str, str, Any]:
         return _loc(loc), msg, None
     if kind == "literal_error":
         return _loc(loc), "expected " + msg.removeprefix("Input should be "), given
-    return _loc(loc), "expected " + msg[0].lower() + msg[1:].removeprefix("input should be "), given
+    return _loc(loc), "expected " + (msg[0].lower() + msg[1:]).removeprefix("input should be "), given
 
 
 def _origin_of(key: str, overrides: list[tuple[list[str], Any, str]], file: str) -> str:
@@ -607,6 +614,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
         key, expected, given = _describe(err)
         raise ConfigError(_origin_of(key, parsed, file), key, expected, given) from None
     cfg._source = file
+    cfg._overrides = tuple(overrides)
     if check_paths:
         check_input_paths(cfg)
     return cfg
@@ -631,6 +639,38 @@ def check_input_paths(cfg: ExperimentConfig) -> None:
                 raise ConfigError(cfg._source, "base.gguf_file", f"expected a file in {path}", cfg.base.gguf_file)
         elif not (path / "config.json").is_file():
             raise ConfigError(cfg._source, "base.name_or_path", "expected a Hugging Face model folder", base)
+        else:
+            check_block_size(cfg, _max_positions(path / "config.json"), str(path / "config.json"))
+
+
+def _max_positions(config_json: Path) -> int | None:
+    """The context length a model folder's ``config.json`` declares, or None when it declares none readable."""
+    try:
+        hf = json.loads(config_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the base stage reports an unreadable config with its own line
+    value = hf.get("max_position_embeddings", hf.get("n_positions")) if isinstance(hf, dict) else None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_block_size(cfg: ExperimentConfig, max_positions: int | None, where: str) -> None:
+    """``data.block_size`` (the context of every model of the run) must fit the base's ``max_position_embeddings``
+    (``where``: the file or model that says so); a ConfigError naming the key otherwise. None: not known."""
+    if max_positions is not None and cfg.data.block_size > max_positions:
+        raise ConfigError(cfg.origin("data.block_size"), "data.block_size",
+                          f"expected at most the base's max_position_embeddings, {max_positions} ({where})",
+                          cfg.data.block_size)
+
+
+def remote_code_refusal(exc: BaseException, source: str, name_or_path: str | None) -> ConfigError | None:
+    """transformers' refusal to run a model's own Python code (three lines of its text) as one ``ConfigError`` naming
+    ``base.trust_remote_code``; None for any other error."""
+    text = str(exc)
+    if "trust_remote_code" not in text or "custom code" not in text:
+        return None
+    return ConfigError(source, "base.trust_remote_code", f"{name_or_path or 'the base'} ships its own model code "
+                       "(Python files that transformers would run); set base.trust_remote_code: true only if you "
+                       "trust that code")
 
 
 PACKAGE_PREFIX = "package:"

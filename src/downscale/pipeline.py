@@ -39,6 +39,7 @@ from downscale._io import (
     package_versions,
     read_json,
     replace_dir,
+    temp_file_for,
     write_json_atomic,
     write_text_atomic,
 )
@@ -536,6 +537,11 @@ def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callab
             raise NotBuiltYet(f"stage '{name}' is not built yet") from None
         raise
     inputs = _inputs(run_dir, stage, manifest, cfg)
+    if force:  # redo what is named: from step 0, not from the checkpoints of the run being redone
+        if stage.incremental:
+            kwargs["force"] = True  # the stage redoes each part it runs (every one, or the one named)
+        else:  # every rank removes them before its own training starts: none can resume from one meanwhile
+            discard_checkpoints(run_dir / "work" / name)
     if not is_main_process():
         return _run_as_worker(cfg, stage, module, log, **kwargs)
     if stage.incremental and kwargs.get("part") is not None:
@@ -570,6 +576,38 @@ def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callab
     _complete(cfg, stage, entry)
     log(f"[{name}] complete in {entry['seconds']:.1f}s")
     return entry
+
+
+def discard_checkpoints(root: Path) -> list[Path]:
+    """``--force``: remove the training checkpoints below ``root`` (a stage's folder under ``<run>/work/``, or one
+    part's), so that the forced run trains from step 0 instead of resuming at its last step. Caches that are keyed
+    by what they were made from (compress's importance scores, the teacher caches) are kept. Returns what went."""
+    if not root.is_dir():
+        return []
+    found = sorted(p for p in root.rglob("checkpoints") if p.is_dir())
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found
+
+
+def check_run_dir(cfg: ExperimentConfig) -> None:
+    """Before any stage runs: the run directory is a folder this process can create and write in. A
+    ``ConfigError`` naming ``run.dir`` otherwise (an existing file, a read-only file system, /proc, no
+    permission), with nothing written."""
+    from downscale.config import ConfigError
+
+    run_dir = cfg.run_dir
+    where = cfg.origin("run.dir") if cfg.run.dir else cfg._source
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(where, "run.dir", "expected a folder; it names an existing file", str(run_dir))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = temp_file_for(run_dir / ".write-check")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(where, "run.dir", f"expected a folder this process can write in ({exc.strerror or exc})",
+                          str(run_dir)) from None
 
 
 def _run_part(cfg: ExperimentConfig, stage: Stage, module: Any, inputs: dict, log: Callable[[str], None],

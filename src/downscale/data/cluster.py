@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -146,7 +145,9 @@ class Clusterer:
         """Write ``clusterer.json`` and ``arrays.npz`` into ``out_dir`` (each to a temporary name, then renamed)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{ARRAYS_NAME}.", suffix=".tmp.npz")
+        from downscale._io import temp_file_for
+
+        fd, tmp = temp_file_for(out_dir / ARRAYS_NAME, suffix=".tmp.npz")  # the umask's mode, not mkstemp's 0600
         os.close(fd)
         try:
             np.savez(tmp, idf=self.idf, components=self.components, centroids=self.centroids)

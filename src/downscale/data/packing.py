@@ -22,13 +22,13 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from downscale._io import temp_file_for, with_filename
 from downscale.data.blocks import SPLITS
 from downscale.data.sources import Document
 
@@ -188,13 +188,16 @@ def write_blocks(path: str | Path, blocks: np.ndarray) -> None:
     """Write blocks as a raw C-order array through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_for(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             np.ascontiguousarray(blocks).tofile(fh)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        named = with_filename(exc, path)
+        if named is not exc:
+            raise named from exc
         raise
 
 

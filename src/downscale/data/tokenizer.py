@@ -44,7 +44,7 @@ def load_base_tokenizer(name_or_path: str, revision: str | None, trust_remote_co
     Nothing is written to the source."""
     from transformers import AutoTokenizer
 
-    from downscale.config import ConfigError, resolve_base_path
+    from downscale.config import ConfigError, remote_code_refusal, resolve_base_path
 
     try:
         folder = resolve_base_path(name_or_path, config_file)
@@ -55,6 +55,9 @@ def load_base_tokenizer(name_or_path: str, revision: str | None, trust_remote_co
     try:
         tok = AutoTokenizer.from_pretrained(folder, revision=revision, trust_remote_code=trust_remote_code, **kwargs)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; the user needs one line
+        refused = remote_code_refusal(exc, config_file, name_or_path)
+        if refused is not None:
+            raise StageError(str(refused)) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         key = "base.gguf_file" if gguf_file else "base.name_or_path"
         raise StageError(f"{config_file}: {key}: cannot load a tokenizer from {what}: {first[:300]}") from None

@@ -125,7 +125,7 @@ def _import(ctx: StageContext, device, amp) -> tuple[Any, dict]:
     from transformers import AutoConfig
 
     from downscale import models
-    from downscale.config import ConfigError, resolve_base_path
+    from downscale.config import ConfigError, check_block_size, remote_code_refusal, resolve_base_path
 
     cfg = ctx.cfg.base
     try:
@@ -141,6 +141,7 @@ def _import(ctx: StageContext, device, amp) -> tuple[Any, dict]:
             models.model_arch(model.config)
         except ValueError as exc:
             raise StageError(f"{ctx.cfg._source}: base.gguf_file: {exc}") from None
+        check_block_size(ctx.cfg, getattr(model.config, "max_position_embeddings", None), str(src))
         how = (f"dequantized GGUF {cfg.gguf_file}, rebuilt as a plain {type(model).__name__} (logits on "
                f"{check['tokens']} tokens equal the GGUF model's: max |diff| {check['max_abs_diff']:.1e})")
         if main:
@@ -153,7 +154,11 @@ def _import(ctx: StageContext, device, amp) -> tuple[Any, dict]:
             hf_config = AutoConfig.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
             models.model_arch(hf_config)
         except ValueError as exc:
-            raise StageError(f"{ctx.cfg._source}: base.name_or_path: {exc}") from None
+            refused = remote_code_refusal(exc, ctx.cfg._source, cfg.name_or_path)
+            if refused is not None:
+                raise StageError(str(refused)) from None
+            raise StageError(f"{ctx.cfg._source}: base.name_or_path: {' '.join(str(exc).split())}") from None
+        check_block_size(ctx.cfg, getattr(hf_config, "max_position_embeddings", None), f"{src}/config.json")
         has_safetensors = any(src.glob("*.safetensors"))
         if has_safetensors and main:  # the model's own files; the tokenizer is the run's (below)
             out.mkdir(parents=True, exist_ok=True)

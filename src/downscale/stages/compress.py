@@ -261,6 +261,7 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
         model.config.use_cache = True
         models.save_causal_lm(model, out_dir / str(i), tokenizer_dir=run_dir / "tokenizer",
                               extra_files={"compress_student.json": entry})
+        entry["reload_max_abs_logit_diff"] = _reload_check(model, out_dir / str(i), open_split(run_dir, shard, "val"))
         students.append(entry)
         rb = entry.get("random_baseline", {}).get("val_loss", {}).get("pooled")
         ctx.log(f"[compress] student {i} ({shard}): val loss pooled {val['pooled']:.3f} (base "
@@ -383,6 +384,31 @@ def _load_dtype(name: str, device) -> str:
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "float32"
+
+
+def _reload_check(model, folder: Path, val) -> float:
+    """Reload the saved student with plain transformers and compare its logits with the in-memory student's on a
+    validation block: they must be identical (a student that does not reload exactly is an error, not a
+    warning)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if len(val) == 0:
+        return 0.0
+    device = next(model.parameters()).device
+    again = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.parameters()).dtype).to(device).eval()
+    ids = torch.as_tensor(np.asarray(val[:1], dtype=np.int64), device=device)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        diff = float((again(input_ids=ids).logits.float() - model(input_ids=ids).logits.float()).abs().max())
+    model.train(was)
+    del again
+    if diff != 0.0:
+        raise StageError(f"{folder}: compress: the saved student does not reload exactly (max |logit diff| "
+                         f"{diff:.3g}); please report this with the config")
+    return diff
 
 
 def _draw(n: int, take: int, seed: list[int], exclude=None):

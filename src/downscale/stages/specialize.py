@@ -31,7 +31,9 @@ from downscale.pipeline import StageContext, StageError
 STAGE = "specialize"
 
 
-def run(ctx: StageContext, part: int | str | None = None) -> dict:
+def run(ctx: StageContext, part: int | str | None = None, force: bool = False) -> dict:
+    """Train every student, or student ``part`` alone; one that is complete with the same keys and inputs is
+    skipped unless ``force`` (``--force``): then it is trained again from step 0."""
     cfg = ctx.cfg
     run_dir = ctx.run_dir
     shards = shard_names(run_dir)
@@ -49,7 +51,10 @@ def run(ctx: StageContext, part: int | str | None = None) -> dict:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for i in which:
         out = run_dir / "specialized" / str(i)
-        if pipeline.part_is_complete(run_dir, STAGE, str(i), part_hash, inputs, out):
+        if force:  # every rank removes them before its own training starts: none can resume from one meanwhile
+            pipeline.discard_checkpoints(run_dir / "work" / STAGE / f"student-{i}")
+            ctx.log(f"[specialize] student {i}: --force, training from step 0")
+        elif pipeline.part_is_complete(run_dir, STAGE, str(i), part_hash, inputs, out):
             ctx.log(f"[specialize] student {i} complete, skipped")
             summaries[str(i)] = read_json(out / "train_summary.json")
             continue
@@ -369,6 +374,10 @@ def load_teacher(base_dir: Path, scfg: Any, device, amp):
 
     if not (base_dir / "config.json").exists():
         raise StageError(f"{base_dir}: missing base model; run `downscale base` first")
+    if scfg.teacher_quant != "none" and torch.device(device).type != "cuda":
+        # bitsandbytes' CPU path fails deep inside with a shape error; the CLI checks this before any stage runs
+        raise StageError(f"specialize.teacher_quant: a teacher quantized to {scfg.teacher_quant} (bitsandbytes) "
+                         f"needs a CUDA device (this run is on the {torch.device(device).type}); use none")
     if scfg.teacher_quant != "none":
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
