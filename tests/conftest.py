@@ -1,13 +1,37 @@
 """Test set-up: no network, ever. Hub access is switched off and sockets to anything but the
-loopback interface raise."""
+loopback interface raise. Every Hugging Face cache (hub, datasets, modules) lives in a folder of this
+test session, never in the user's ~/.cache/huggingface."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 
+
+def _isolate_hf_caches() -> None:
+    """Point HF_HOME and every cache under it at a temporary folder, before transformers or datasets are imported
+    (they read these variables at import) and for the CLI subprocesses the tests start (they inherit them). The
+    user's own cache folder is kept in DOWNSCALE_TEST_REAL_HF_HOME, for the test that checks it stays untouched."""
+    if os.environ.get("DOWNSCALE_TEST_HF_HOME"):  # set up already (a nested pytest, or this file loaded twice)
+        return
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    os.environ["DOWNSCALE_TEST_REAL_HF_HOME"] = os.environ.get("HF_HOME") or str(cache / "huggingface")
+    home = tempfile.mkdtemp(prefix="downscale-tests-hf-")
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    os.environ.update(DOWNSCALE_TEST_HF_HOME=home, HF_HOME=home, HF_DATASETS_CACHE=os.path.join(home, "datasets"),
+                      HF_HUB_CACHE=os.path.join(home, "hub"), HF_MODULES_CACHE=os.path.join(home, "modules"),
+                      HF_XET_CACHE=os.path.join(home, "xet"))
+    for legacy in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_ASSETS_CACHE"):
+        os.environ.pop(legacy, None)
+
+
+_isolate_hf_caches()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -309,7 +309,10 @@ class CompressConfig(_Section):
     split_heads: float = Field(0.5, ge=0, description="Split policy exponent of the attention heads (0: never cut).")
     split_depth: float = Field(0.5, ge=0, description="Split policy exponent of the layer count (with prune_depth).")
     rounds: int = Field(1, ge=1, description="Iterative pruning rounds (raised if max_cut_per_round needs more).")
-    max_cut_per_round: float = Field(0.5, gt=0, le=1, description="Largest parameter fraction cut in one round.")
+    max_cut_per_round: float = Field(
+        0.5, gt=0, le=1, description="Largest parameter fraction cut in one round; adds rounds only with "
+                                     "recover_steps > 0 (rounds without recovery measured worse than one shot)."
+    )
     norm_rescale: bool = Field(True, description="Rescale RMSNorm weights after hidden pruning.")
     recover_steps: int = Field(
         0, ge=0, description="Iterative mode: distillation steps from the base between pruning rounds (0: none); "

@@ -48,9 +48,16 @@ def make_plan(cfg, hf_config, source: str) -> Plan:
     c = cfg.compress
     try:
         return plan(info, c.target_params, c.shape.model_dump(), policy_of(cfg), rounds=c.rounds,
-                    max_cut_per_round=c.max_cut_per_round)
+                    max_cut_per_round=effective_max_cut(c))
     except PlanError as exc:
         raise StageError(f"{cfg._source}: {exc.field}: {exc}") from None
+
+
+def effective_max_cut(c) -> float:
+    """``max_cut_per_round`` adds rounds only when a recovery runs between them (``recover_steps``): rounds
+    without recovery only re-score a damaged model, and measured on SmolLM2-135M at 0.4 they were far worse than
+    one shot (10.6 vs 8.1 nats on held-out code). ``rounds`` set explicitly is always honoured."""
+    return c.max_cut_per_round if c.recover_steps > 0 else 1.0
 
 
 def base_hf_config(cfg) -> tuple[Any, str]:
@@ -203,7 +210,7 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
     if chosen == the_plan.shape:
         rounds = the_plan.rounds
     else:
-        rounds = plan_rounds(info, chosen, c.rounds, c.max_cut_per_round, policy_of(cfg))
+        rounds = plan_rounds(info, chosen, c.rounds, effective_max_cut(c), policy_of(cfg))
     # later rounds' scores are cached too, unless a hook the config does not describe recovers between rounds
     cache_rounds = recover is None
     if recover is None and c.recover_steps > 0 and len(rounds) > 1:
