@@ -151,14 +151,15 @@ def compression_md(comp: dict) -> list[str]:
     md.append(f"| base | | {comp['base_val_loss']['pooled']:.3f} | | |")
     if comp.get("candidates"):
         md += ["", f"Shape search: {comp.get('grid_size')} grid shapes, best {len(comp['candidates'])} of those scored "
-               f"({comp.get('ranked_by')}; mean NLL on held-out train blocks of each student's own shard; "
+               f"({comp.get('ranked_by')}; mean NLL on held-out train blocks of each student's own shard, ranked "
+               f"by the blocks a shape survived to, then by loss; "
                f"{_fmt_num(comp.get('search_seconds'), 0)} s):", "",
-               "| cut | hidden | MLP | heads | layers | params | loss |", "|---|---|---|---|---|---|---|"]
+               "| cut | hidden | MLP | heads | layers | params | loss | blocks |", "|---|---|---|---|---|---|---|---|"]
         for c in comp["candidates"]:
             s = c["shape"]
             md.append(f"| {c['family']} | {s['hidden_size']} | {s['intermediate_size']} | {s['num_heads']}/"
                       f"{s['num_kv_heads']} | {s['num_layers']} | {c['fraction_of_base']:.1%} | "
-                      f"{_fmt_num(c.get('loss'), 3)} |")
+                      f"{_fmt_num(c.get('loss'), 3)} | {c.get('blocks_scored', '-')} |")
     return md + [""]
 
 

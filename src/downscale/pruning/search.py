@@ -250,15 +250,22 @@ def run_search(base, candidates: list[Candidate], students: list[SearchStudent],
     return sorted(best, key=lambda c: c.distilled_loss)
 
 
+def ranked(candidates: list[Candidate]) -> list[Candidate]:
+    """Best first: candidates scored on more blocks (they survived more halving rounds) before the others, then by
+    loss (losses on different numbers of blocks are not comparable)."""
+    return sorted(candidates, key=lambda c: (-(max(c.losses) if c.losses else 0),
+                                             c.distilled_loss if c.distilled_loss is not None else math.inf, c.loss))
+
+
 def describe(candidates: list[Candidate], base_total: int, limit: int | None = None) -> list[str]:
-    """Table lines (best first) for the log and the report."""
-    rows = sorted(candidates, key=lambda c: c.loss)[:limit]
-    lines = [f"{'family':<24}{'hidden':>7}{'mlp':>7}{'heads':>7}{'kv':>4}{'layers':>7}{'params':>8}{'loss':>8}"]
-    for c in rows:
+    """Table lines (best first, see ``ranked``) for the log."""
+    lines = [f"{'family':<24}{'hidden':>7}{'mlp':>7}{'heads':>7}{'kv':>4}{'layers':>7}{'params':>8}{'loss':>8}"
+             f"{'blocks':>7}"]
+    for c in ranked(candidates)[:limit]:
         s = c.shape
         loss = "-" if math.isinf(c.loss) else f"{c.loss:.3f}"
         lines.append(f"{c.family:<24}{s.hidden_size:>7}{s.intermediate_size:>7}{s.num_heads:>7}{s.num_kv_heads:>4}"
-                     f"{s.num_layers:>7}{c.params / base_total:>8.1%}{loss:>8}")
+                     f"{s.num_layers:>7}{c.params / base_total:>8.1%}{loss:>8}{max(c.losses, default=0):>7}")
     return lines
 
 
@@ -267,5 +274,5 @@ def as_candidates(shapes: list[Shape], info: ArchInfo, family: str | None = None
     return [Candidate(s, count_params(info, s)["total"], family or _family(info.base, s)) for s in shapes]
 
 
-__all__ = ["Candidate", "SearchStudent", "as_candidates", "candidate_shapes", "describe", "head_options", "run_search",
-           "spread", "successive_halving"]
+__all__ = ["Candidate", "SearchStudent", "as_candidates", "candidate_shapes", "describe", "head_options", "ranked",
+           "run_search", "spread", "successive_halving"]

@@ -343,7 +343,7 @@ def _choose_shape(ctx: StageContext, base, info, the_plan: Plan, hf_config, shar
         ctx.log("[compress]   " + line)
     ctx.log(f"[compress] chosen: {best.family} {best.shape.as_dict()} (policy shape {policy.loss:.3f}, best "
             f"{best.loss:.3f} on the search blocks)")
-    report = {"candidates": [cand.to_dict(base_total) for cand in sorted(candidates, key=lambda x: x.loss)],
+    report = {"candidates": [cand.to_dict(base_total) for cand in search.ranked(candidates)],
               "grid_size": len(grid), "blocks": c.search.blocks, "start_blocks": c.search.start_blocks,
               "finalists": c.search.finalists, "distill_steps": c.search.distill_steps,
               "chosen": best.to_dict(base_total), "policy": policy.to_dict(base_total),

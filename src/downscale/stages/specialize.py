@@ -374,18 +374,20 @@ def load_teacher(base_dir: Path, scfg: Any, device, amp):
 
     if not (base_dir / "config.json").exists():
         raise StageError(f"{base_dir}: missing base model; run `downscale base` first")
-    if scfg.teacher_quant != "none" and torch.device(device).type != "cuda":
-        # bitsandbytes' CPU path fails deep inside with a shape error; the CLI checks this before any stage runs
-        raise StageError(f"specialize.teacher_quant: a teacher quantized to {scfg.teacher_quant} (bitsandbytes) "
-                         f"needs a CUDA device (this run is on the {torch.device(device).type}); use none")
     if scfg.teacher_quant != "none":
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         q = (BitsAndBytesConfig(load_in_8bit=True) if scfg.teacher_quant == "8bit" else
              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_compute_dtype=amp or torch.float32))
-        teacher = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=q, attn_implementation="sdpa",
-                                                       device_map={"": device})
+        try:
+            teacher = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=q, attn_implementation="sdpa",
+                                                           device_map={"": device})
+        except (ImportError, RuntimeError, ValueError) as exc:  # bitsandbytes' own errors are long and cryptic
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise StageError(f"{base_dir}: specialize.teacher_quant: bitsandbytes could not load the base in "
+                             f"{scfg.teacher_quant} on {torch.device(device).type} ({type(exc).__name__}: {first}); "
+                             f"use none") from None
     else:
         dtype = "bfloat16" if (device.type == "cuda" or amp == torch.bfloat16) else "float32"
         teacher = models.load_causal_lm(base_dir, dtype=dtype, device=device)
