@@ -43,8 +43,11 @@ def load_base_tokenizer(name_or_path: str, revision: str | None, trust_remote_co
     folder), or with ``gguf_file`` the tokenizer stored in that GGUF file. It must have an EOS token.
     Nothing is written to the source."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from downscale.config import ConfigError, remote_code_refusal, resolve_base_path
+
+    hf_logging.set_verbosity_error()  # as every other stage has it (models.quiet_transformers): errors speak for us
 
     try:
         folder = resolve_base_path(name_or_path, config_file)
