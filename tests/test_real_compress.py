@@ -67,6 +67,7 @@ def _check_reload_and_quality(cfg, target: float) -> dict:
     reloaded = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "students" / "0").eval()
     scores = [load_scores(p) for p in (cfg.run_dir / "work" / "compress" / "scores").glob("*.safetensors")]
     assert len(scores) == 1
+    base_scores = scores[0]
     again = base
     for r, rnd in enumerate(st["rounds"]):  # more than half cut: two rounds, the second scored on the first's cut
         if r > 0:
@@ -80,8 +81,17 @@ def _check_reload_and_quality(cfg, target: float) -> dict:
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, again(ids).logits)
     # the searched student beats random importance at its shape and the split policy's shape, on val blocks
-    # that neither the calibration nor the search saw
+    # that neither the calibration nor the search saw; the recorded loss is checked against our own scoring of
+    # the reloaded student, and a random-importance student is cut here independently of the stage's baseline
+    from downscale.pruning.importance import random_scores
+
+    val = open_split(cfg.run_dir, "code", "val")[: cfg.compress.val_blocks]
     mine = st["val_loss"]["code"]
+    assert models.mean_nll(reloaded, val, 4, torch.device("cpu"), torch.bfloat16)[0] == pytest.approx(mine, abs=5e-3)
+    rnd = random_scores(base, 12345)
+    rnd_student = extract_student(base, shape, select_units(rnd, base.config, shape), base_scores.norm_ms,
+                                  share=True)
+    assert mine < models.mean_nll(rnd_student, val, 4, torch.device("cpu"), torch.bfloat16)[0] - 0.1
     assert mine < st["random_baseline"]["val_loss"]["code"] - 0.1, st
     if "unsearched" in st:
         assert mine < st["unsearched"]["val_loss"]["code"], st

@@ -328,7 +328,7 @@ def _choose_shape(ctx: StageContext, base, info, the_plan: Plan, hf_config, shar
     students = []
     for i, shard in enumerate(shards):
         data = open_split(ctx.run_dir, shard, "train")
-        idx = _draw(len(data), c.search.blocks, [cfg.run.seed, 104729, i, len(data)], cal_exclude(calib[i], shard))
+        idx = _draw(len(data), c.search.blocks, [cfg.run.seed, 104729, i, len(data)], calib[i]["used"].get(shard))
         students.append(search.SearchStudent(calib[i]["scores"], data[idx], c.norm_rescale))
     ctx.log(f"[compress] shape search: {len(candidates)} candidates at {the_plan.target:,} parameters, "
             f"{len(students)} students, up to {c.search.blocks} held-out blocks each")
@@ -350,11 +350,6 @@ def _choose_shape(ctx: StageContext, base, info, the_plan: Plan, hf_config, shar
               "ranked_by": "loss after distillation" if distill is not None else "loss right after pruning",
               "loss": "mean over students of the mean NLL on each student's held-out train blocks of its own shard"}
     return report, best.shape
-
-
-def cal_exclude(cal: dict, shard: str):
-    """Train-block indices of ``shard`` used for calibration (the search's held-out blocks avoid them)."""
-    return cal["used"].get(shard)
 
 
 def _baselines(ctx, base, cal: dict, chosen, policy_shape, val_losses, c, i: int) -> dict:
