@@ -93,6 +93,9 @@ def test_combine_rejects_students_with_another_vocabulary(tmp_path):
     bad = run / "specialized" / "1"
     shutil.rmtree(bad)
     save_causal_lm(tiny_model(vocab_size=400), bad, tokenizer_dir=run / "tokenizer")
+    with pytest.raises(StageError, match=r"specialized/1/config.json: .*`downscale specialize` writes it again"):
+        pipeline.run_stage(cfg, "combine", force=True, log=lambda m: None)  # changed behind the manifest's back
+    pipeline.record_complete(cfg, "specialize")  # as if specialize had made it
     with pytest.raises(StageError) as err:
         pipeline.run_stage(cfg, "combine", force=True, log=lambda m: None)
     assert str(bad) in str(err.value) and "vocab" in str(err.value) and "\n" not in str(err.value)
@@ -104,6 +107,7 @@ def test_combine_rejects_students_with_another_tokenizer(tmp_path):
     other = make_tokenizer(tmp_path / "other_tok", ["completely different text here"] * 20, vocab_size=280)
     for f in other.iterdir():
         shutil.copy2(f, run / "specialized" / "2" / f.name)
+    pipeline.record_complete(cfg, "specialize")  # as if specialize had made it (else: refused as changed on disk)
     with pytest.raises(StageError, match="tokenizer differs") as err:
         pipeline.run_stage(cfg, "combine", log=lambda m: None)
     assert str(run / "specialized" / "2") in str(err.value)
@@ -116,6 +120,9 @@ def test_combine_rejects_a_missing_student_and_weights_of_the_wrong_length(tmp_p
     with pytest.raises((StageError, ValueError), match="combine.weights has 2 weights but there are 3 students"):
         pipeline.run_stage(_with(cfg, modes=["weighted"], weights=[0.5, 0.5]), "combine", log=lambda m: None)
     shutil.rmtree(run / "specialized" / "2")
+    with pytest.raises(StageError, match=r"specialized/2/\S+: missing"):  # against the manifest's file table
+        pipeline.run_stage(cfg, "combine", log=lambda m: None)
+    pipeline.record_complete(cfg, "specialize")  # as if specialize had made it so
     with pytest.raises(StageError, match="missing student folder") as err:
         pipeline.run_stage(cfg, "combine", log=lambda m: None)
     assert str(run / "specialized" / "2") in str(err.value)
@@ -175,6 +182,10 @@ def test_cli_combine_runs_and_bad_students_are_one_line(tmp_path, capsys):
     shutil.rmtree(bad)
     save_causal_lm(tiny_model(vocab_size=400), bad, tokenizer_dir=cfg.run_dir / "tokenizer")
     capsys.readouterr()
+    assert main(["combine", str(path), "combine.prior=uniform"]) == 2  # changed behind the manifest's back
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("downscale: error")]
+    assert len(err) == 1 and err[0].startswith(f"downscale: error: {bad}/") and "`downscale specialize`" in err[0]
+    pipeline.record_complete(cfg, "specialize")  # as if specialize had made it
     assert main(["combine", str(path), "combine.prior=uniform"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("downscale: error")]
     assert len(err) == 1 and err[0].startswith(f"downscale: error: {bad}: vocab_size 400"), err

@@ -106,6 +106,43 @@ def test_fp16_cache_kd_is_close_to_fp32(tmp_path):
     assert d16 == pytest.approx(d32, rel=1e-3) and d16 != d32
 
 
+def _timeless(meta: dict) -> dict:
+    """``meta`` without the arrays' modification times (the rest of their checksums kept)."""
+    return {**meta, "checksums": {k: [v[0], v[2]] for k, v in meta["checksums"].items()}}
+
+
+def test_a_changed_cache_is_refused_and_a_garbled_row_never_reaches_the_loss(tmp_path) -> None:
+    """The arrays' size, modification time and fingerprint are in meta.json: a truncated or garbled array is refused
+    when the cache is opened; a build with the same settings rebuilds it instead of returning it. A garble that the
+    open does not see (here: the modification time put back, as a copy tool might) is caught on the rows read."""
+    import os
+
+    from downscale.teacher_cache import TeacherCacheError
+
+    model, blocks = _teacher(), _blocks(n=6)
+    good = _build(model, blocks, tmp_path / "c", batch_size=2)
+    lp = tmp_path / "c" / "logprobs.npy"
+    st = lp.stat()
+    data = bytearray(lp.read_bytes())
+    data[-64:] = b"\xff" * 64  # NaN in float16, in the last block
+    lp.write_bytes(bytes(data))
+    with pytest.raises(TeacherCacheError, match="logprobs.npy is content changed"):
+        TeacherCache.open(tmp_path / "c")
+    os.utime(lp, ns=(st.st_atime_ns, st.st_mtime_ns))  # the cheap check passes now
+    cache = TeacherCache.open(tmp_path / "c")
+    cache.sparse_teacher([0, 1])  # clean rows
+    with pytest.raises(TeacherCacheError, match="garbled"):
+        cache.sparse_teacher([5])
+    del cache
+    (tmp_path / "c" / "tail.npy").write_bytes((tmp_path / "c" / "tail.npy").read_bytes()[:100])
+    with pytest.raises(TeacherCacheError, match=r"tail.npy is truncated"):
+        TeacherCache.open(tmp_path / "c")
+    seen = []
+    rebuilt = _build(model, blocks, tmp_path / "c", batch_size=2, on_batch=lambda done, n: seen.append(done))
+    assert seen and _timeless(rebuilt) == _timeless(good)
+    TeacherCache.open(tmp_path / "c").sparse_teacher([5])
+
+
 def test_interrupted_build_resumes_and_equals_an_uninterrupted_one_byte_for_byte(tmp_path):
     model, blocks = _teacher(), _blocks(n=9)
     meta_full = _build(model, blocks, tmp_path / "full", batch_size=2)
@@ -124,9 +161,10 @@ def test_interrupted_build_resumes_and_equals_an_uninterrupted_one_byte_for_byte
     seen = []
     meta = _build(model, blocks, tmp_path / "c", batch_size=2, on_batch=lambda done, n: seen.append(done))
     assert seen == [6, 8, 9]  # continued after the last complete batch, did not start again
-    assert meta == meta_full
-    for name in ("ids.npy", "logprobs.npy", "tail.npy", "meta.json"):
+    assert _timeless(meta) == _timeless(meta_full)
+    for name in ("ids.npy", "logprobs.npy", "tail.npy"):
         assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    assert _timeless(json.loads((tmp_path / "c" / "meta.json").read_text())) == _timeless(meta_full)
     # a complete cache with the same settings is reused as it is
     seen.clear()
     _build(model, blocks, tmp_path / "c", batch_size=2, on_batch=lambda done, n: seen.append(done))

@@ -128,6 +128,39 @@ def test_nan_guard_names_the_step_and_keeps_the_last_checkpoint(tmp_path) -> Non
     assert [p.name for p in train.list_checkpoints(tmp_path / "w" / "checkpoints")] == ["step-00000002"]
 
 
+def test_a_loss_not_finite_at_the_first_step_names_the_inputs_not_the_learning_rate(tmp_path) -> None:
+    """Before any update, a NaN loss is an input's fault (garbled weights, teacher or data): the message names what
+    the caller says the loss reads; after a resume it names the checkpoint too."""
+    cfg = fake_data_run(tmp_path)
+    from downscale.config import TrainConfig
+
+    state = {"nan_from": 0, "n": 0, "kill_at": None}
+
+    def loss_fn(model, batch):
+        state["n"] += 1
+        if state["n"] == state["kill_at"]:
+            raise KeyboardInterrupt
+        loss, stats = train.causal_lm_loss(model, batch)
+        return (loss * float("nan") if state["n"] > state["nan_from"] else loss), stats
+
+    def fit(steps):
+        return train.fit(tiny_model(vocab_size=300), cfg=TrainConfig(max_steps=steps, batch_size=4, save_every=2),
+                         sampler=train.BlockSampler([open_split(cfg.run_dir, "code", "train")], 4, seed=0),
+                         loss_fn=loss_fn, work_dir=tmp_path / "w", log=lambda m: None, inputs="THE-INPUTS",
+                         accelerator=train.make_accelerator(torch.device("cpu"), None))
+
+    with pytest.raises(train.TrainingDiverged, match="first step") as info:
+        fit(4)
+    assert "learning rate is not the cause" in str(info.value) and "THE-INPUTS" in str(info.value)
+    state.update(nan_from=99, n=0, kill_at=5)
+    with pytest.raises(KeyboardInterrupt):
+        fit(8)  # 4 good steps, checkpoints at 2 and 4, then interrupted
+    state.update(nan_from=0, n=0, kill_at=None)
+    with pytest.raises(train.TrainingDiverged, match="after resuming from step 4") as info:
+        fit(8)
+    assert "step-00000004" in str(info.value)
+
+
 def test_base_stage_pretrains_saves_and_reloads(tmp_path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -212,6 +212,10 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
             print(f"run directory: {cfg.run_dir}")
             for name, (status, why) in rows.items():
                 print(f"  {name:<11} {status:<9} {why}")
+            from downscale import locks
+
+            for what, info in locks.running(cfg.run_dir):
+                print(f"  running now: {what} ({locks.describe(info)})")
             todo = [name for name, (status, _) in rows.items() if status != "complete"]
             print(f"`downscale run` would run: {', '.join(todo)}" if todo else "`downscale run` has nothing to do")
         return 0

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from downscale._io import read_json, write_json_atomic
+from downscale._io import dir_fingerprint, read_json, write_json_atomic
 from downscale.ensemble import EnsembleError, EnsembleModel, check_mode, check_weights
 
 FORMAT, VERSION = "downscale-ensemble", 1
@@ -166,11 +166,12 @@ def student_folders(spec: dict, run_dir: Path) -> list[Path]:
 
 def load_ensemble(path: str | Path, mode: str | None = None, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, fast: bool | None = None,
-                  loaded: dict[Path, torch.nn.Module] | None = None) -> EnsembleModel:
+                  loaded: dict[Path, torch.nn.Module] | None = None, verify: bool = True) -> EnsembleModel:
     """Load a saved ensemble (see the module docs). ``fast``: None follows the saved ``fast_path``. ``loaded``:
     students already in memory (folder -> model, in ``dtype`` on ``device``), used instead of a second copy (the
     evaluate stage holds the specialized students already: n more 1B students in fp32 would be ~4n GB); the fast
-    path then stacks their weights in place (they stay usable one by one)."""
+    path then stacks their weights in place (they stay usable one by one). ``verify``: refuse a student folder
+    whose fingerprint differs from the one recorded at combine time (``student_fingerprints``)."""
     from transformers import AutoTokenizer
 
     from downscale import models
@@ -184,6 +185,15 @@ def load_ensemble(path: str | Path, mode: str | None = None, device: str | torch
         size = student_vocab_size(f)
         if size != int(spec["vocab_size"]):
             raise EnsembleError(f"{file}: students[{i}]: {f} has vocab_size {size}, the ensemble {spec['vocab_size']}")
+    recorded = spec.get("student_fingerprints")
+    if verify and recorded is not None:
+        if len(recorded) != len(folders):
+            raise EnsembleError(f"{file}: student_fingerprints: {len(recorded)} for {len(folders)} students")
+        for i, (f, fp) in enumerate(zip(folders, recorded, strict=True)):
+            if dir_fingerprint(f) != fp:
+                raise EnsembleError(f"{file}: students[{i}]: {f} changed since the ensemble was made (its prior and "
+                                    f"router were fitted to the student it held then): run `downscale combine` "
+                                    f"again, or pass verify=False to load it as it is")
     tok_dir = ens_dir / spec["tokenizer"]
     if tokenizer_hash(tok_dir) != spec.get("tokenizer_hash"):
         raise EnsembleError(f"{file}: tokenizer_hash: the tokenizer in {tok_dir} changed since the ensemble was saved")

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from downscale import integrity
+
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
 
 
@@ -230,14 +232,27 @@ def load_causal_lm(path: str | Path, dtype: str | torch.dtype = "float32", devic
     if isinstance(dtype, str):
         dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     device = torch.device(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
-        attn_implementation="sdpa", low_cpu_mem_usage=True,
-        device_map={"": device} if device.type == "cuda" else None,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
+            attn_implementation="sdpa", low_cpu_mem_usage=True,
+            device_map={"": device} if device.type == "cuda" else None,
+        )
+    except Exception as exc:  # a truncated or garbled safetensors file: one line naming it
+        corrupt = integrity.safetensors_error(exc, _weights_file(path))
+        if corrupt is None:
+            raise
+        raise corrupt from None
     if device.type != "cuda":
         model.to(device)
+    integrity.check_weights(model, path)
     return model
+
+
+def _weights_file(path: str | Path) -> Path | str:
+    """The safetensors file(s) of a model folder, for an error message (the folder itself when unsure)."""
+    found = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    return found[0] if len(found) == 1 else path
 
 
 def plain_copy(model, state: dict[str, torch.Tensor], device: str | torch.device = "cpu", prefix: str = ""):

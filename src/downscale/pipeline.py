@@ -15,6 +15,10 @@ A stage writes its outputs into a staging folder (``<run>/.staging/<stage>/``) u
 final names; only when it returns are they renamed into place and the manifest marked
 complete. Long stages keep resumable state (checkpoints, caches) under ``<run>/work/<stage>/``,
 which survives an interruption.
+
+Before a stage runs it takes its locks (``downscale.locks``: one process per stage or student, nothing rewritten
+while it is read) and checks every upstream file it reads against the file table the manifest recorded when that
+file's stage completed (``check_inputs``, ``downscale.integrity``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from downscale import integrity, locks
 from downscale._io import (
     dir_fingerprint,
     file_fingerprint,
@@ -44,10 +49,7 @@ from downscale._io import (
     write_text_atomic,
 )
 from downscale.config import ExperimentConfig
-
-
-class StageError(RuntimeError):
-    """A stage cannot run (bad input, missing upstream artifact). The CLI prints it and exits 2."""
+from downscale.errors import StageError
 
 
 class NotBuiltYet(StageError):
@@ -430,7 +432,7 @@ def stage_status(cfg: ExperimentConfig, stage: Stage, manifest: dict | None = No
     if not entry:
         return "missing", "never run"
     if entry.get("status") != "complete":
-        return "missing", f"last attempt {entry.get('status')}"
+        return "missing", _attempt(run_dir, stage, entry)
     if not _current_scheme(entry):
         return "stale", (f"recorded by another downscale version (config hash {_scheme(entry)}, this one uses "
                          f"v{HASH_VERSION}): re-runs once")
@@ -452,6 +454,29 @@ def stage_status(cfg: ExperimentConfig, stage: Stage, manifest: dict | None = No
         if dir_fingerprint(path) != fp:
             return "stale", f"output {name} changed on disk"
     return "complete", "up to date"
+
+
+def _attempt(run_dir: Path, stage: Stage, entry: dict) -> str:
+    """What became of the last attempt at a stage that is not complete: running now (its lock is held), died
+    (recorded as running, but no process holds its lock: killed), failed, interrupted; for an incremental
+    stage, which parts are complete."""
+    status = entry.get("status")
+    parts = entry.get("parts") or {}
+    if stage.incremental and parts:
+        done = sorted(int(k) for k, v in parts.items() if v.get("status") == "complete")
+        busy = [k for k in sorted(parts) if locks.holder(run_dir, f"{stage.name}.part{k}") is not None]
+        held = locks.holder(run_dir, stage.name)
+        what = f"parts complete: {', '.join(map(str, done)) or 'none'}"
+        if held:
+            return f"running now ({locks.describe(held)}); {what}"
+        return f"{what}" + (f"; running now: {', '.join(busy)}" if busy else "")
+    if status == "running":
+        held = locks.holder(run_dir, stage.name)
+        if held is None:
+            return (f"last attempt died (pid {entry.get('pid')}, recorded as running, holds no lock): it runs again, "
+                    f"resuming from its last checkpoint")
+        return f"running now ({locks.describe(held)})"
+    return f"last attempt {status}"
 
 
 def plan(cfg: ExperimentConfig, manifest: dict | None = None) -> dict[str, tuple[str, str]]:
@@ -503,7 +528,8 @@ def _complete(cfg: ExperimentConfig, stage: Stage, entry: dict) -> dict:
     run_dir = cfg.run_dir
     config_file = _write_stage_config(cfg, stage.name)
     entry.update(status="complete", ended=_now(), outputs={o: dir_fingerprint(run_dir / o) for o in stage.outputs},
-                 products=_products(run_dir, stage), config_file=config_file)
+                 products=_products(run_dir, stage), files=integrity.file_table(run_dir, stage.outputs),
+                 config_file=config_file)
     entry.pop("pid", None)
     _update_entry(run_dir, stage.name, entry)
     return entry
@@ -520,7 +546,11 @@ def record_complete(cfg: ExperimentConfig, name: str, summary: dict | None = Non
 
 def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callable[[str], None] | None = None,
               **kwargs: Any) -> dict:
-    """Run one stage (unless complete and ``force`` is off). Returns its manifest entry."""
+    """Run one stage (unless complete and ``force`` is off). Returns its manifest entry.
+
+    Before it runs: it takes its locks (``downscale.locks``; ``LockHeld`` when another process holds one), decides
+    again under them (another process may have just completed it), and checks every upstream file it reads against
+    the manifest (``check_inputs``; ``CorruptInput`` for a changed, truncated or missing one)."""
     stage = get_stage(name)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -528,7 +558,7 @@ def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callab
     manifest = load_manifest(run_dir)
     status, why = stage_status(cfg, stage, manifest)
     if status == "complete" and not force:
-        log(f"[{name}] complete, skipped ({why})")
+        _log_skip(cfg, stage, manifest, why, log)
         return manifest["stages"][name]
     try:
         module = importlib.import_module(stage.module)
@@ -536,16 +566,95 @@ def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callab
         if exc.name == stage.module:
             raise NotBuiltYet(f"stage '{name}' is not built yet") from None
         raise
-    inputs = _inputs(run_dir, stage, manifest, cfg)
-    if force:  # redo what is named: from step 0, not from the checkpoints of the run being redone
-        if stage.incremental:
-            kwargs["force"] = True  # the stage redoes each part it runs (every one, or the one named)
-        else:  # every rank removes them before its own training starts: none can resume from one meanwhile
-            discard_checkpoints(run_dir / "work" / name)
-    if not is_main_process():
+    part = kwargs.get("part") if stage.incremental else None
+    if not is_main_process():  # rank 0 holds the locks and checks the inputs for the whole launch
+        _inputs(run_dir, stage, manifest, cfg)  # a missing upstream stage: the same error as on rank 0
+        _discard_for_force(run_dir, stage, force, kwargs)
         return _run_as_worker(cfg, stage, module, log, **kwargs)
-    if stage.incremental and kwargs.get("part") is not None:
-        return _run_part(cfg, stage, module, inputs, log, **kwargs)
+    own = [f"{name}.part{part}"] if part is not None else [name]
+    with locks.hold(run_dir, exclusive=own, shared=_read_locks(cfg, stage, part), what=f"downscale {name}"):
+        locks.sweep_staging(run_dir)
+        manifest = load_manifest(run_dir)  # again, under the locks
+        status, why = stage_status(cfg, stage, manifest)
+        if status == "complete" and not force:
+            log(f"[{name}] complete, skipped ({why}: another process completed it meanwhile)")
+            return manifest["stages"][name]
+        inputs = _inputs(run_dir, stage, manifest, cfg)
+        check_inputs(cfg, stage, manifest)
+        _discard_for_force(run_dir, stage, force, kwargs)
+        if part is not None:
+            return _run_part(cfg, stage, module, inputs, log, **kwargs)
+        return _run_whole(cfg, stage, module, inputs, log, status, why, **kwargs)
+
+
+def _discard_for_force(run_dir: Path, stage: Stage, force: bool, kwargs: dict) -> None:
+    """``--force`` redoes what it names: from step 0, not from the checkpoints of the run being redone."""
+    if not force:
+        return
+    if stage.incremental:
+        kwargs["force"] = True  # the stage redoes each part it runs (every one, or the one named)
+    else:  # every rank removes them before its own training starts: none can resume from one meanwhile
+        discard_checkpoints(run_dir / "work" / stage.name)
+
+
+def _read_locks(cfg: ExperimentConfig, stage: Stage, part: Any) -> list[str]:
+    """The locks a run of ``stage`` holds shared: those of the stages it reads (and of each of their parts), and,
+    for one part, its own stage's (a whole-stage run of it holds that one exclusively)."""
+    names = []
+    for up in stage.upstream:
+        names.append(up)
+        if get_stage(up).incremental:
+            names += [f"{up}.part{i}" for i in range(cfg.num_students)]
+    return names + ([stage.name] if part is not None else [])
+
+
+def _log_skip(cfg: ExperimentConfig, stage: Stage, manifest: dict, why: str, log: Callable[[str], None]) -> None:
+    """The 'complete, skipped' line, and a warning when an upstream file it was made from has changed since (its
+    outputs still stand for what it read then; ``downscale run`` rewrites the changed file first)."""
+    log(f"[{stage.name}] complete, skipped ({why})")
+    bad = input_problems(cfg, stage, manifest, cheap=True)
+    if bad:
+        up, path, what = bad[0]
+        log(f"[{stage.name}] note: {path} ({stage.name} read it) is {what}: `downscale {up}` writes it again, "
+            f"`downscale status` shows what else would re-run")
+
+
+def input_problems(cfg: ExperimentConfig, stage: Stage, manifest: dict,
+                   cheap: bool = False) -> list[tuple[str, Path, str]]:
+    """``[(upstream stage, file, what is wrong)]`` for the files ``stage`` reads of its complete upstream stages,
+    against the file tables their manifest entries recorded (``downscale.integrity``)."""
+    whole = _reads_reports(stage, cfg)
+    out = []
+    for up in stage.upstream:
+        entry = manifest["stages"].get(up) or {}
+        if entry.get("status") != "complete":
+            continue
+        u = get_stage(up)
+        for path, what in integrity.upstream_problems(cfg.run_dir, entry, u.outputs, u.reports, up in whole,
+                                                      cheap=cheap):
+            out.append((up, path, what))
+    return out
+
+
+class CorruptInput(StageError):
+    """A file a stage would read changed on disk after the stage that wrote it completed."""
+
+
+def check_inputs(cfg: ExperimentConfig, stage: Stage, manifest: dict) -> None:
+    """Refuse to run ``stage`` on an upstream file that changed after it was written: ``CorruptInput``, one line
+    naming the file and the stage that writes it again."""
+    bad = input_problems(cfg, stage, manifest)
+    if bad:
+        up, path, what = bad[0]
+        more = f" (and {len(bad) - 1} more file{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+        raise CorruptInput(f"{path}: {what}{more}; stage '{stage.name}' reads it and will not run on it: "
+                           f"`downscale {up}` writes it again (`downscale run` does that and whatever follows)")
+
+
+def _run_whole(cfg: ExperimentConfig, stage: Stage, module: Any, inputs: dict, log: Callable[[str], None],
+               status: str, why: str, **kwargs: Any) -> dict:
+    """Run a whole stage into its staging folder, rename its outputs into place, record it complete."""
+    run_dir, name = cfg.run_dir, stage.name
     _write_resolved_config(cfg)
     staging = run_dir / ".staging" / name
     if staging.exists():
@@ -616,7 +725,7 @@ def _run_part(cfg: ExperimentConfig, stage: Stage, module: Any, inputs: dict, lo
     the stage records the part itself; the stage as a whole is marked complete here once every part is."""
     _write_resolved_config(cfg)
     part = kwargs["part"]
-    staging = cfg.run_dir / ".staging" / f"{stage.name}.part{part}.{os.getpid()}"
+    staging = cfg.run_dir / ".staging" / f"{stage.name}.part{part}"  # this part's lock is held: no one else's
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     ctx = StageContext(cfg=cfg, run_dir=cfg.run_dir, staging=staging, stage=stage.name, log=log)
@@ -641,7 +750,8 @@ def _run_as_worker(cfg: ExperimentConfig, stage: Stage, module: Any, log: Callab
     """A non-zero rank runs the stage (it takes part in the collective training) with a private
     staging folder it then discards; the manifest and the outputs belong to rank 0."""
     rank = int(os.environ.get("RANK", "0"))
-    staging = cfg.run_dir / ".staging" / f"{stage.name}.rank{rank}"
+    part = f".part{kwargs['part']}" if stage.incremental and kwargs.get("part") is not None else ""
+    staging = cfg.run_dir / ".staging" / f"{stage.name}{part}.rank{rank}"  # owned by rank 0's lock (locks.py)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     ctx = StageContext(cfg=cfg, run_dir=cfg.run_dir, staging=staging, stage=stage.name, log=lambda msg: None)

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from downscale._io import dir_fingerprint, read_json, write_json_atomic
+from downscale.integrity import file_problem, file_record
 
 FORMAT = 1
 _ARRAYS = ("ids", "logprobs", "tail")
@@ -56,6 +57,16 @@ _ARRAYS = ("ids", "logprobs", "tail")
 
 class TeacherCacheError(ValueError):
     """A teacher cache that cannot be used: made from another base/data/setting, or incomplete."""
+
+
+def _damage(path: Path, meta: dict) -> str | None:
+    """What changed in a complete cache's arrays since it was built (``meta["checksums"]``), or None. Caches built
+    before checksums were recorded are taken as they are."""
+    for k, record in (meta.get("checksums") or {}).items():
+        what = file_problem(path / f"{k}.npy", record)
+        if what is not None:
+            return f"{k}.npy is {what}"
+    return None
 
 
 def _partial(out_dir: Path) -> Path:
@@ -152,7 +163,7 @@ def build_teacher_cache(teacher_model: torch.nn.Module, blocks: np.ndarray, out_
 
     if (out_dir / "meta.json").is_file():
         meta = read_json(out_dir / "meta.json")
-        if meta.get("complete") and all(_same(meta.get(k), settings[k]) for k in keys):
+        if meta.get("complete") and all(_same(meta.get(k), settings[k]) for k in keys) and not _damage(out_dir, meta):
             return meta
 
     part = _partial(out_dir)
@@ -215,7 +226,10 @@ def build_teacher_cache(teacher_model: torch.nn.Module, blocks: np.ndarray, out_
         del arrays
         if was_training:
             teacher_model.train()
-    meta = {**settings, "blocks_done": n_blocks, "complete": True}
+    # size, modification time and fingerprint of each array: ``open`` refuses a cache changed since (garbled,
+    # truncated, overwritten)
+    meta = {**settings, "blocks_done": n_blocks, "complete": True,
+            "checksums": {k: file_record(part / f"{k}.npy") for k in _ARRAYS}}
     write_json_atomic(part / "meta.json", meta)
     from downscale._io import replace_dir
 
@@ -253,6 +267,9 @@ class TeacherCache:
             raise TeacherCacheError(f"teacher cache {path} was made from another {_WHAT.get(key, key)} "
                                     f"({key}: {have!r} in the cache, {want!r} expected); build it again or "
                                     f"point specialize.cache_dir elsewhere")
+        damage = _damage(path, meta)
+        if damage:
+            raise TeacherCacheError(f"teacher cache {path}: {damage} (a garbled or overwritten cache); build it again")
         shapes = {"ids": (meta["n_blocks"], meta["positions"], meta["top_k"]),
                   "logprobs": (meta["n_blocks"], meta["positions"], meta["top_k"]),
                   "tail": (meta["n_blocks"], meta["positions"])}
@@ -303,4 +320,10 @@ class TeacherCache:
         ids = torch.from_numpy(self.ids[idx].reshape(-1, k).astype(np.int64))
         lp = torch.from_numpy(np.ascontiguousarray(self.logprobs[idx]).reshape(-1, k))
         tail = torch.from_numpy(np.ascontiguousarray(self.tail[idx]).reshape(-1))
+        # what a checksum can miss (a big file is fingerprinted by samples) must not reach the loss as NaN
+        bad_ids = bool(ids.numel()) and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0)
+        if bad_ids or bool(torch.isnan(lp).any()) or bool((lp > 1e-2).any()) or bool(torch.isnan(tail).any()):
+            raise TeacherCacheError(f"teacher cache {self.path}: blocks {idx[:4].tolist()}... hold impossible "
+                                    f"values (ids >= vocab, NaN or positive log-probs): the cache is garbled; "
+                                    f"remove it and build it again")
         return SparseTeacher(ids, lp, tail, self.temperature)

@@ -310,7 +310,7 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
         loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
         work_dir: Path, accelerator: Any, validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
         desc: str = "train", log: Callable[[str], None] = print, config_hash: str = "",
-        on_step: Callable[[int], None] | None = None) -> FitResult:
+        on_step: Callable[[int], None] | None = None, inputs: str = "") -> FitResult:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps (a ``TrainConfig``), resuming from the
     newest checkpoint in ``work_dir/checkpoints`` made with the same ``resume_key``: the same ``config_hash``
     (the caller's: whatever the loss and the starting weights depend on), the same loop settings (a change in a
@@ -319,7 +319,8 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
     ``loss_fn(model, micro_batch) -> (loss, stats)``: the mean loss of one micro-batch (``stats``
     are floats averaged into the logs). ``validate(model) -> {name: value}`` runs every
     ``eval_every`` steps and at the end, on the main process's model. ``on_step(step)`` is called
-    after each optimizer step (tests use it to simulate a kill). ``accelerator`` is an
+    after each optimizer step (tests use it to simulate a kill). ``inputs``: what the loss reads (the starting
+    weights, the teacher, the data), named when the loss is not finite at the first step. ``accelerator`` is an
     ``accelerate.Accelerator``: ``model`` must not be prepared yet.
     """
     from tqdm.auto import tqdm
@@ -401,6 +402,13 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
                                                                        or skipped_in_a_row + 1 >= MAX_SKIPPED_STEPS))
         if bad:
             bar.close()
+            if step == start and scaler is None:  # before any update: the inputs, not the learning rate
+                first = "the first step" if start == 0 else f"the first step after resuming from step {start}"
+                raise TrainingDiverged(
+                    f"{desc}: the loss is not finite at {first} (loss {step_stats['loss']}, grad norm {grad_norm}), "
+                    f"before any weight update: the learning rate is not the cause; check what the loss reads: "
+                    + (inputs or "the starting weights and the data")
+                    + ("" if start == 0 else f", and the checkpoint {ckpt_root}/{CKPT_PREFIX}{start:08d}"))
             raise TrainingDiverged(
                 f"{desc}: loss or gradient norm is not finite at step {step + 1} (loss {step_stats['loss']}, "
                 f"grad norm {grad_norm}); the last good checkpoint (step {last_good}) is kept in {ckpt_root}; "

@@ -104,7 +104,8 @@ def _pretrain(ctx: StageContext, meta: dict, device, amp) -> tuple[Any, dict]:
     ckpt_hash = resume_hash(cfg, "base", drop=("base.train",), objective="fused-ce",
                             inputs=recorded_content(ctx.run_dir, ("data",)))
     result = train.fit(wrapper, cfg=tcfg, sampler=sampler, loss_fn=train.fused_causal_lm_loss, work_dir=work,
-                       accelerator=accelerator, validate=validate, desc="base", log=ctx.log, config_hash=ckpt_hash)
+                       accelerator=accelerator, validate=validate, desc="base", log=ctx.log, config_hash=ckpt_hash,
+                       inputs=f"the data in {ctx.run_dir / 'data'} and the starting weights")
     model = accelerator.unwrap_model(wrapper).model
     if result.full_state is not None:  # trained sharded (FSDP): a plain copy with the gathered weights
         model = models.plain_copy(model, result.full_state, device, prefix="model.")

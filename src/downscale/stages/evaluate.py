@@ -317,7 +317,7 @@ def train_control(ctx: StageContext, device, amp):
                                      inputs=pipeline.recorded_content(run_dir, ("data", "base")))
     result = train.fit(wrapper, cfg=tcfg, sampler=sampler, loss_fn=train.fused_causal_lm_loss,
                        work_dir=ctx.work_dir("control"), accelerator=accelerator, validate=None, desc="control",
-                       log=ctx.log, config_hash=ckpt_hash)
+                       log=ctx.log, config_hash=ckpt_hash, inputs=f"the data in {run_dir / 'data'}")
     model = accelerator.unwrap_model(wrapper).model
     if result.full_state is not None:  # trained sharded (FSDP): a plain copy with the gathered weights
         model = models.plain_copy(model, result.full_state, device, prefix="model.")

@@ -88,6 +88,16 @@ def run(ctx: StageContext, part: int | str | None = None, force: bool = False) -
             "started": started}
 
 
+def _loss_inputs(ctx: StageContext, i: int, shards: list[str], student_dir: Path) -> str:
+    """What student ``i``'s loss reads, for the message of a loss that is not finite at the first step."""
+    scfg = ctx.cfg.specialize
+    teacher = ("its teacher cache in " + str(Path(scfg.cache_dir) if scfg.cache_dir else ctx.run_dir / "work" /
+                                              "teacher_cache") if scfg.teacher == "cache" else
+               f"the teacher {ctx.run_dir / 'base'}")
+    return (f"the student {student_dir}, {teacher}, the data {ctx.run_dir / 'data' / shards[i]} "
+            f"(`downscale status` names files changed on disk)")
+
+
 def _short(summary: dict) -> dict:
     keys = ("shard", "tokens", "steps", "seconds", "tokens_per_s", "before", "after")
     return {k: summary[k] for k in keys if k in summary}
@@ -186,7 +196,8 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
     ckpt_hash = pipeline.resume_hash(cfg, STAGE, drop=("specialize.train",), student=i,
                                      inputs=pipeline.recorded_content(run_dir, pipeline.get_stage(STAGE).upstream))
     result = train.fit(wrapper, cfg=tcfg, sampler=sampler, loss_fn=loss_fn, work_dir=work, accelerator=accelerator,
-                       validate=validate, desc=f"student {i} ({shard})", log=ctx.log, config_hash=ckpt_hash)
+                       validate=validate, desc=f"student {i} ({shard})", log=ctx.log, config_hash=ckpt_hash,
+                       inputs=_loss_inputs(ctx, i, shards, student_dir))
     wrapper = accelerator.unwrap_model(wrapper)
     student = wrapper.student
     if result.full_state is not None:  # trained sharded (FSDP): a plain copy with the gathered weights
@@ -308,13 +319,19 @@ def build_caches(cfg: Any, student: int | None = None, log=None) -> list[str]:
         wanted = list(shards)
     else:
         wanted = [shards[student]] + ([s for s in shards if s != shards[student]] if scfg.replay_fraction > 0 else [])
-    device, amp = models.setup_runtime(cfg.run)
-    teacher = load_teacher(run_dir / "base", scfg, device, amp)
-    ctx = StageContext(cfg=cfg, run_dir=run_dir, staging=run_dir / ".staging" / "cache", stage=STAGE, log=log)
-    for shard in wanted:
-        cache = ensure_teacher_cache(ctx, shard, teacher, device, amp)
-        log(f"[specialize] teacher cache of shard {shard}: {cache.n_blocks} blocks x {cache.block_size} positions, "
-            f"top-{cache.top_k}, in {cache.path}")
+    from downscale import locks
+
+    with locks.hold(run_dir, exclusive=[], shared=["data", "base"], what="downscale specialize --cache-only"):
+        stage = pipeline.get_stage(STAGE)
+        manifest = pipeline.load_manifest(run_dir)
+        pipeline.check_inputs(cfg, stage, manifest)  # what is complete of data, base (and compress) is unchanged
+        device, amp = models.setup_runtime(cfg.run)
+        teacher = load_teacher(run_dir / "base", scfg, device, amp)
+        ctx = StageContext(cfg=cfg, run_dir=run_dir, staging=run_dir / ".staging" / "cache", stage=STAGE, log=log)
+        for shard in wanted:
+            cache = ensure_teacher_cache(ctx, shard, teacher, device, amp)
+            log(f"[specialize] teacher cache of shard {shard}: {cache.n_blocks} blocks x {cache.block_size} "
+                f"positions, top-{cache.top_k}, in {cache.path}")
     return wanted
 
 
