@@ -310,6 +310,8 @@ def test_a_killed_training_resumes_to_the_uninterrupted_result(done_run, tmp_pat
                       *[a for a in argv[1:] if a != "--force"])
     assert rc == 0, err
     assert "resuming from checkpoint" in err, err[-3000:]
+    if sig == signal.SIGKILL and stage != "specialize":  # the run says why it runs: the dead attempt, not itself
+        assert f"[{stage}] running (last attempt died" in err, err[-3000:]
     made = _made(run, what)
     assert made.keys() == reference.keys()
     assert all(torch.equal(made[k], reference[k]) for k in reference)

@@ -574,10 +574,9 @@ def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callab
     own = [f"{name}.part{part}"] if part is not None else [name]
     with locks.hold(run_dir, exclusive=own, shared=_read_locks(cfg, stage, part), what=f"downscale {name}"):
         locks.sweep_staging(run_dir)
-        manifest = load_manifest(run_dir)  # again, under the locks
-        status, why = stage_status(cfg, stage, manifest)
-        if status == "complete" and not force:
-            log(f"[{name}] complete, skipped ({why}: another process completed it meanwhile)")
+        manifest = load_manifest(run_dir)  # again, under the locks (``why`` stays the one seen before them: under
+        if stage_status(cfg, stage, manifest)[0] == "complete" and not force:  # them a dead attempt looks live)
+            log(f"[{name}] complete, skipped (another process completed it meanwhile)")
             return manifest["stages"][name]
         inputs = _inputs(run_dir, stage, manifest, cfg)
         check_inputs(cfg, stage, manifest)

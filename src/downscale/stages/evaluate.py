@@ -48,7 +48,7 @@ def run(ctx: StageContext) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     n = ctx.cfg.num_students
     rows: list[dict] = []
-    ev = _Evaluator(test, ecfg.batch_size, device, amp, int(meta["block_size"]))
+    ev = _Evaluator(test, ecfg.batch_size, device, amp, int(meta["block_size"]), log=ctx.log)
 
     ctx.log(f"[evaluate] scoring on {sum(len(b) for b in test.values())} test blocks of {meta['block_size']} tokens "
             f"from {len(shards)} shards")
@@ -111,8 +111,9 @@ def _cap(blocks: np.ndarray, max_tokens: int | None) -> np.ndarray:
 class _Evaluator:
     """Scores a model (HF causal LM or EnsembleModel) on every shard's test blocks."""
 
-    def __init__(self, test: dict[str, np.ndarray], batch_size: int, device, amp, context: int):
+    def __init__(self, test: dict[str, np.ndarray], batch_size: int, device, amp, context: int, log=None):
         self.test, self.batch_size, self.device, self.amp, self.context = test, batch_size, device, amp, context
+        self.log = log or (lambda msg: None)
 
     @torch.no_grad()
     def score_model(self, name: str, kind: str, model, paths: list[str], mode: str | None = None,
@@ -150,6 +151,7 @@ class _Evaluator:
                                if self.device.type == "cuda" else None),
             "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
         }
+        self.log(f"[evaluate] {name}: pooled test loss {loss['pooled']:.4f} ({count:,} tokens, {seconds:.1f}s)")
         return row
 
 
