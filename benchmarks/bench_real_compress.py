@@ -7,7 +7,8 @@ base stages are complete, e.g. after ``downscale run configs/smollm2-135m_to_3.y
 method's calibration pass runs once.
 
     .venv/bin/python benchmarks/bench_real_compress.py [--config configs/smollm2-135m_to_3.yaml]
-        [--targets 0.6,0.4] [--methods activation,taylor,magnitude,random] [--out FILE.json]
+        [--targets 0.6,0.4] [--methods activation,taylor,magnitude,random] [--out FILE.json] [--reuse]
+        [run.dir=A-COPY-OF-THE-RUN]   (each variant rewrites students/: point it at a copy, `cp -a`)
 
 The "policy" rows are the split policy's shape (what compress chose before the search); the family rows are
 the best candidate of each family on the search blocks (mean over students of the mean NLL on held-out train
@@ -37,6 +38,25 @@ def _compress(config: str, overrides: list[str]) -> tuple[dict, float]:
     return json.loads((cfg.run_dir / "students" / "compress.json").read_text()), time.time() - t
 
 
+def _reused(args, target: float) -> tuple[dict | None, float | None]:
+    """The run directory's compress.json and the stage's seconds, when it was made at ``target`` with the search on
+    and the config's other compress settings; else (None, None)."""
+    from downscale import pipeline
+    from downscale.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    path = cfg.run_dir / "students" / "compress.json"
+    if not path.is_file():
+        return None, None
+    rep = json.loads(path.read_text())
+    made_at = rep["plan"]["target_params"] / rep["base"]["params"]
+    same = (abs(made_at - target) < 1e-3 and rep.get("search") and rep["settings"]["importance"] ==
+            cfg.compress.importance and rep["settings"]["calibration"] == cfg.compress.calibration)
+    if not same:
+        return None, None
+    return rep, pipeline.load_manifest(cfg.run_dir)["stages"]["compress"].get("seconds")
+
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
@@ -47,11 +67,18 @@ def main() -> int:
     ap.add_argument("--targets", default="0.6,0.4")
     ap.add_argument("--methods", default="activation,taylor,magnitude,random")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--reuse", action="store_true", help="use the run directory's students/compress.json for the "
+                    "target it was made at (its search and baselines), instead of running that search again")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every variant (e.g. run.dir=...)")
     args = ap.parse_args()
     out: dict = {"config": args.config, "targets": {}}
     for target in [float(t) for t in args.targets.split(",")]:
-        rep, secs = _compress(args.config, [*args.overrides, f"compress.target_params={target}"])
+        rep, secs = _reused(args, target) if args.reuse else (None, None)
+        if rep is None:
+            rep, secs = _compress(args.config, [*args.overrides, f"compress.target_params={target}"])
+        else:
+            print(f"== target {target}: the run directory's compress.json (its search ran {secs:.0f}s ago in a "
+                  f"`downscale run`) is reused", flush=True)
         shape = rep["plan"]["chosen"]["shape"]
         search = rep["search"] or {}
         families: dict[str, dict] = {}

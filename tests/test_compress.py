@@ -160,7 +160,7 @@ def _bad_base_config(cfg):
     ("embeddings", ["compress.target_params=500"], "below the embeddings alone"),
     ("heads", ["compress.shape.num_heads=3", "compress.shape.num_kv_heads=2"], "impossible head ratio"),
     ("arch", [], "unsupported architecture 'gpt2'"),
-    ("missing", [], "no base model here"),
+    ("missing", [], "base/config.json: missing; stage 'compress' reads it"),  # against the manifest's record
     ("no_stage", [], "needs stage 'base'"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, case, overrides, expect):
@@ -181,5 +181,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ca
     assert "Traceback" not in err
     assert not (cfg.run_dir / "students").exists()
     assert not (cfg.run_dir / ".staging" / "compress").exists()
-    if case != "no_stage":
+    if case not in ("no_stage", "missing"):  # refused before it runs: no entry at all
         assert pipeline.load_manifest(cfg.run_dir)["stages"]["compress"]["status"] == "failed"
+    else:
+        assert "compress" not in pipeline.load_manifest(cfg.run_dir)["stages"]

@@ -216,7 +216,7 @@ def test_a_held_student_is_one_line_naming_the_holder_and_a_dead_holders_lock_is
         assert "student 0 of stage specialize" in lines[0] and f"pid {proc.pid}" in lines[0], lines[0]
         # the whole stage waits for none of its students: refused too, as is rewriting what the student reads
         rc, err, lines = _cli(capfd, "specialize", config, "--force")
-        assert rc == 2 and "stage specialize is in use" in lines[0], err
+        assert rc == 2 and "stage specialize is in use by student 0 of stage specialize: pid" in lines[0], err
         rc, err, lines = _cli(capfd, "compress", config, "--force")
         assert rc == 2 and "stage compress is in use" in lines[0], err
         # another student runs meanwhile
@@ -230,9 +230,25 @@ def test_a_held_student_is_one_line_naming_the_holder_and_a_dead_holders_lock_is
     assert rc == 0, err
 
 
+# The CLI in a child process whose every checkpoint save is followed by 0.2 s of sleep: on a quiet machine a tiny
+# training finishes in under a second, so a signal sent once two checkpoints exist would otherwise land after the
+# end. Sleeping changes no number.
+SLOW_SAVES = """
+import sys, time
+from downscale import cli, train
+save = train.save_checkpoint
+def slow(*args, **kwargs):
+    out = save(*args, **kwargs)
+    time.sleep(0.2)
+    return out
+train.save_checkpoint = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def _child(config: Path, *argv: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "downscale.cli", *argv[:1], str(config), *argv[1:]], env=env,
+    return subprocess.Popen([sys.executable, "-c", SLOW_SAVES, *argv[:1], str(config), *argv[1:]], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -353,11 +369,83 @@ def test_staging_of_a_dead_process_is_swept(done_run, tmp_path, capfd) -> None:
     proc = _holder(run, "specialize.part0", "")
     try:
         rc, err, _ = _cli(capfd, "combine", config, "--force")
+        assert rc == 2, err  # combine reads student 0, which is held
+        rc, err, _ = _cli(capfd, "specialize", config, "--student", "1", "--force")
+        assert rc == 0, err
+        left = sorted(p.name for p in (run / ".staging").iterdir())
+        assert left == ["specialize.part0"], left  # a live holder's staging is kept, the dead ones' are gone
     finally:
         proc.kill()
         proc.wait()
-    assert rc == 2, err  # combine reads student 0, which is held
     rc, err, _ = _cli(capfd, "specialize", config, "--student", "1", "--force")
     assert rc == 0, err
-    left = sorted(p.name for p in (run / ".staging").iterdir())
-    assert left == [], left
+    assert sorted(p.name for p in (run / ".staging").iterdir()) == []
+
+
+def test_an_interrupted_compress_runs_again_to_the_same_students(done_run, tmp_path, capfd, monkeypatch) -> None:
+    """compress keeps no training checkpoints (its recovery between rounds is a few steps); interrupted at its
+    second recovery (Ctrl-C), it is recorded as interrupted and the same command makes exactly the students
+    an uninterrupted run makes, from its cached importance scores."""
+    from downscale.stages import specialize
+
+    two_rounds = ["compress.recover_steps=2", "compress.max_cut_per_round=0.25"]
+    reference_cfg = _copy(done_run, tmp_path / "reference")
+    rc, err, _ = _cli(capfd, "compress", reference_cfg, *two_rounds)
+    assert rc == 0, err
+    config = _copy(done_run, tmp_path / "faulted")
+    real = specialize.distillation_recovery
+
+    calls = []
+
+    def interrupted_at_the_second_recovery(*args, **kwargs):
+        recover = real(*args, **kwargs)
+
+        def hook(model, round_index, student_index):
+            calls.append((round_index, student_index))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return recover(model, round_index, student_index)
+        return hook
+
+    monkeypatch.setattr(specialize, "distillation_recovery", interrupted_at_the_second_recovery)
+    rc, err, _ = _cli(capfd, "compress", config, *two_rounds)
+    assert rc == 130 and "Traceback" not in err and len(calls) == 2, err
+    run = tmp_path / "faulted" / "run"
+    assert pipeline.load_manifest(run)["stages"]["compress"]["status"] == "interrupted"
+    monkeypatch.setattr(specialize, "distillation_recovery", real)
+    rc, err, _ = _cli(capfd, "compress", config, *two_rounds)
+    assert rc == 0, err
+    for i in range(len(SHARDS)):
+        made = load_file(run / "students" / str(i) / "model.safetensors")
+        reference = load_file(tmp_path / "reference" / "run" / "students" / str(i) / "model.safetensors")
+        assert made.keys() == reference.keys() and all(torch.equal(made[k], reference[k]) for k in reference)
+
+
+def test_a_rank_of_another_launch_touches_nothing_until_its_own_rank_0_holds_the_lock(done_run, tmp_path, capfd,
+                                                                                     monkeypatch) -> None:
+    """Under torchrun / accelerate, ranks > 0 wait for rank 0 of their own launch to hold the stage's lock before
+    they discard checkpoints (``--force``) or write staging: a second launch's rank 1 leaves a running launch's
+    checkpoints alone and gives up with one line; with its own rank 0 holding the lock it goes on."""
+    config = _copy(done_run, tmp_path)
+    run = tmp_path / "run"
+    cfg = load_config(config, [], check_paths=False)
+    before = _checkpoints(run / "work/base")
+    assert before
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "TORCHELASTIC_RUN_ID": "test"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run), "base", "data"], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, **env, "MASTER_PORT": "2222", "RANK": "0"})
+    assert holder.stdout.readline().strip() == "held"
+    try:
+        for key, val in {**env, "MASTER_PORT": "1111", "RANK": "1"}.items():
+            monkeypatch.setenv(key, val)
+        monkeypatch.setattr(pipeline, "RANK0_TIMEOUT_S", 1.0)
+        with pytest.raises(pipeline.StageError, match="rank 0 of this launch did not take the lock"):
+            pipeline.run_stage(cfg, "base", force=True, log=lambda m: None)
+        assert _checkpoints(run / "work/base") == before  # nothing discarded
+        monkeypatch.setenv("MASTER_PORT", "2222")  # the holder's launch: rank 1 goes on
+        assert pipeline._await_rank0(cfg, pipeline.get_stage("base"), "base", force=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    # rank 0 gone, stage complete: a rank 1 without --force skips it
+    assert not pipeline._await_rank0(cfg, pipeline.get_stage("data"), "data", force=False, timeout=1.0)

@@ -126,7 +126,7 @@ def test_a_changed_cache_is_refused_and_a_garbled_row_never_reaches_the_loss(tmp
     data = bytearray(lp.read_bytes())
     data[-64:] = b"\xff" * 64  # NaN in float16, in the last block
     lp.write_bytes(bytes(data))
-    with pytest.raises(TeacherCacheError, match="logprobs.npy is content changed"):
+    with pytest.raises(TeacherCacheError, match="logprobs.npy: changed since it was written"):
         TeacherCache.open(tmp_path / "c")
     os.utime(lp, ns=(st.st_atime_ns, st.st_mtime_ns))  # the cheap check passes now
     cache = TeacherCache.open(tmp_path / "c")
@@ -135,7 +135,7 @@ def test_a_changed_cache_is_refused_and_a_garbled_row_never_reaches_the_loss(tmp
         cache.sparse_teacher([5])
     del cache
     (tmp_path / "c" / "tail.npy").write_bytes((tmp_path / "c" / "tail.npy").read_bytes()[:100])
-    with pytest.raises(TeacherCacheError, match=r"tail.npy is truncated"):
+    with pytest.raises(TeacherCacheError, match=r"tail.npy: truncated"):
         TeacherCache.open(tmp_path / "c")
     seen = []
     rebuilt = _build(model, blocks, tmp_path / "c", batch_size=2, on_batch=lambda done, n: seen.append(done))

@@ -1,13 +1,13 @@
 """Nothing corrupt is ever used: the files a stage wrote are checked before a later stage reads them.
 
 When a stage completes, the manifest records a table of every file it wrote (``file_table``): its size, its
-modification time and its fingerprint (``downscale._io.file_fingerprint``: sha256 of the whole file up to 64 MiB,
-of its size plus 16 evenly spaced 1 MiB chunks above). Before a stage runs, every file it reads of its upstream
-stages is checked against that table (``check_upstream``): cheap first (a missing file, another size), and the
-fingerprint is computed again only for a file whose modification time moved. A changed, truncated or missing file is
-refused with one line naming the file and the stage that rewrites it (``CorruptInput``, exit 2).
+modification time and the sha256 of the whole file (one read of each file when its stage completes). Before a stage
+runs, every file it reads of its upstream stages is checked against that table (``upstream_problems``, called by
+``pipeline.check_inputs``): cheap first (a missing file, another size), and the hash is computed again only for a
+file whose modification time moved. A changed, truncated or missing file is refused with one line naming the file
+and the stage that writes it again (``pipeline.CorruptInput``, exit 2).
 
-The fingerprint of a big file samples it; two further checks catch what sampling can miss where it matters most:
+Two further checks cover files changed with their modification time put back, and models loaded outside a run:
 ``check_weights`` refuses a model whose weights hold NaN or inf (a garbled safetensors file that still parses), and
 ``safetensors_error`` turns the loader's error on a truncated or garbled header into the same one line.
 """
@@ -15,12 +15,15 @@ The fingerprint of a big file samples it; two further checks catch what sampling
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from downscale._io import dir_fingerprint, file_fingerprint
+from downscale._io import dir_fingerprint
 from downscale.errors import StageError
+
+_CHUNK = 8 * 2**20
 
 
 class CorruptArtifact(StageError):
@@ -36,10 +39,20 @@ def _files_below(path: Path) -> list[Path]:
     return []
 
 
+def full_sha256(path: Path) -> str:
+    """sha256 of the whole file (first 16 hex digits): unlike ``file_fingerprint``, no sample of a big file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def file_record(path: Path) -> list:
-    """``[size, mtime_ns, fingerprint]`` of one file."""
+    """``[size, mtime_ns, sha256 of the whole file]`` of one file (read once, when its stage completes; read again
+    only if its modification time moves)."""
     st = path.stat()
-    return [st.st_size, st.st_mtime_ns, file_fingerprint(path)]
+    return [st.st_size, st.st_mtime_ns, full_sha256(path)]
 
 
 def file_table(run_dir: Path, outputs: Iterable[str]) -> dict[str, list]:
@@ -66,8 +79,8 @@ def file_problem(path: Path, record: list, cheap: bool = False) -> str | None:
         return f"another size ({st.st_size:,} bytes, {size:,} when written)"
     if st.st_mtime_ns == mtime_ns:
         return None
-    if cheap or file_fingerprint(path) != fingerprint:
-        return "content changed since it was written (same size: garbled or overwritten)"
+    if cheap or full_sha256(path) != fingerprint:
+        return "changed since it was written (same size: garbled or overwritten)"
     return None
 
 
@@ -100,7 +113,8 @@ def upstream_problems(run_dir: Path, entry: dict, outputs: tuple[str, ...], repo
     for name in outputs:
         for f in _files_below(run_dir / name):
             rel = f.relative_to(run_dir).as_posix()
-            if rel not in table and _reads(rel, reports, with_reports) and not f.name.startswith("."):
+            hidden = any(part.startswith(".") for part in Path(rel).parts)
+            if rel not in table and _reads(rel, reports, with_reports) and not hidden:
                 problems.append((f, "not written by the stage (a file added since)"))
     return problems
 

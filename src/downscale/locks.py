@@ -19,6 +19,7 @@ is really held, so a record left by a dead process is never reported as running.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -64,6 +65,20 @@ def describe(info: dict) -> str:
     return f"{where}{command}, since {info.get('since')}"
 
 
+def launch_id() -> str | None:
+    """What the ranks of one ``torchrun`` / ``accelerate launch`` job share (None outside one): rank 0 writes it into
+    the lock it takes, and the other ranks wait for it before they touch anything (``pipeline.run_stage``)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return ":".join(os.environ.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT",
+                                                     "WORLD_SIZE"))
+
+
+def record(run_dir: Path, name: str) -> dict:
+    """The holder record in lock ``name``'s file as it is (no probe: it may be a dead process's)."""
+    return _read(lock_path(run_dir, name))
+
+
 def label(name: str) -> str:
     """'student 1 of stage specialize' for ``specialize.part1``, 'stage compress' for ``compress``."""
     m = _PART.match(name)
@@ -93,15 +108,48 @@ def _try(fh, shared: bool) -> bool:
         return True
     except BlockingIOError:
         return False
+    except OSError as exc:  # a file system without flock (some Lustre / GPFS mounts): no locking there
+        if exc.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            return True
+        raise
+
+
+def _take(fh, shared: bool, patience: float = 2.0) -> bool:
+    """Take the lock, retrying for ``patience`` seconds: another process's ``holder`` probe holds it for an instant."""
+    deadline = time.monotonic() + patience
+    while not _try(fh, shared):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _who(run_dir: Path, name: str) -> str:
+    """Who holds ``name``: its exclusive holder, else the processes holding one of its parts (they hold the stage's
+    lock shared), else the readers."""
+    info = _read(lock_path(run_dir, name))
+    if _live_writer(info):
+        return describe(info)
+    parts = [(what, who) for what, who in running(run_dir) if what.endswith(f"of stage {name}")]
+    if parts:
+        return "; ".join(f"{what}: {describe(who)}" for what, who in parts)
+    return "a running stage that reads it (`downscale status` lists what runs)"
 
 
 def holder(run_dir: Path, name: str) -> dict | None:
-    """Who holds lock ``name`` now (its record; ``{}`` when a reader holds it shared), or None when it is free."""
+    """The record of the process that holds lock ``name`` exclusively now (``{}`` when it is held but its record is
+    not readable yet or its pid is not visible here), or None when no process holds it exclusively (readers, which
+    hold it shared, do not count). The probe is a shared lock on a read-only descriptor: a read-only run directory
+    can be inspected, and readers are never disturbed (a writer taking the lock meanwhile retries, see ``hold``)."""
     path = lock_path(run_dir, name)
     if fcntl is None or not path.exists():
         return None
-    with open(path, "a+") as fh:
-        if _try(fh, shared=False):
+    try:
+        fh = open(path)
+    except OSError:
+        return None
+    with fh:
+        if _try(fh, shared=True):
             return None  # closing the file drops the probe's lock
     info = _read(path)
     return info if _live_writer(info) else {}
@@ -129,19 +177,18 @@ def hold(run_dir: Path, exclusive: list[str], shared: list[str], what: str) -> I
             path = lock_path(run_dir, name)
             path.parent.mkdir(parents=True, exist_ok=True)
             fh = open(path, "a+")
-            if not _try(fh, is_shared):
+            if not _take(fh, is_shared):
                 fh.close()
-                info = _read(path)
-                who = describe(info) if _live_writer(info) else "a running stage that reads it (`downscale status`)"
-                raise LockHeld(f"{what}: {label(name)} is in use by {who} (lock {path}); wait for it to finish, "
-                               f"or stop it, and run again")
+                raise LockHeld(f"{what}: {label(name)} is in use by {_who(run_dir, name)} (lock {path}); wait for it "
+                               f"to finish, or stop it, and run again")
             handles.append(fh)
             if not is_shared:
                 fh.seek(0)
                 fh.truncate()
                 fh.write(json.dumps({"mode": "exclusive", "pid": os.getpid(), "host": socket.gethostname(),
                                      "command": " ".join(["downscale", *sys.argv[1:]])[:300],
-                                     "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+                                     "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "epoch": time.time(),
+                                     "launch": launch_id()}))
                 fh.flush()
         yield
     finally:
@@ -173,7 +220,7 @@ def sweep_staging(run_dir: Path) -> list[Path]:
     if fcntl is None or not root.is_dir():
         return gone
     for entry in sorted(root.iterdir()):
-        if not holder(run_dir, staging_owner(entry.name)):
+        if holder(run_dir, staging_owner(entry.name)) is None:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
             gone.append(entry)
     return gone

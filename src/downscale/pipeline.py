@@ -459,24 +459,26 @@ def stage_status(cfg: ExperimentConfig, stage: Stage, manifest: dict | None = No
 def _attempt(run_dir: Path, stage: Stage, entry: dict) -> str:
     """What became of the last attempt at a stage that is not complete: running now (its lock is held), died
     (recorded as running, but no process holds its lock: killed), failed, interrupted; for an incremental
-    stage, which parts are complete."""
-    status = entry.get("status")
+    stage, which parts are complete, running now, or died."""
+    if locks.fcntl is None:
+        return f"last attempt {entry.get('status')} (no file locks on this system: running or died cannot be told)"
+    held = locks.holder(run_dir, stage.name)
+    if held is not None:
+        return f"running now ({locks.describe(held)})"
     parts = entry.get("parts") or {}
     if stage.incremental and parts:
         done = sorted(int(k) for k, v in parts.items() if v.get("status") == "complete")
-        busy = [k for k in sorted(parts) if locks.holder(run_dir, f"{stage.name}.part{k}") is not None]
-        held = locks.holder(run_dir, stage.name)
-        what = f"parts complete: {', '.join(map(str, done)) or 'none'}"
-        if held:
-            return f"running now ({locks.describe(held)}); {what}"
-        return f"{what}" + (f"; running now: {', '.join(busy)}" if busy else "")
-    if status == "running":
-        held = locks.holder(run_dir, stage.name)
-        if held is None:
-            return (f"last attempt died (pid {entry.get('pid')}, recorded as running, holds no lock): it runs again, "
-                    f"resuming from its last checkpoint")
-        return f"running now ({locks.describe(held)})"
-    return f"last attempt {status}"
+        what = [f"students complete: {', '.join(map(str, done)) or 'none'}"]
+        for k in sorted(parts, key=int):
+            if parts[k].get("status") == "running":
+                who = locks.holder(run_dir, f"{stage.name}.part{k}")
+                what.append(f"student {k} running now ({locks.describe(who)})" if who is not None else
+                            f"student {k}: last attempt died (recorded as running, holds no lock)")
+        return "; ".join(what)
+    if entry.get("status") == "running":
+        return (f"last attempt died (pid {entry.get('pid')}, recorded as running, holds no lock): it runs again, "
+                f"resuming from its last checkpoint")
+    return f"last attempt {entry.get('status')}"
 
 
 def plan(cfg: ExperimentConfig, manifest: dict | None = None) -> dict[str, tuple[str, str]]:
@@ -567,11 +569,14 @@ def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callab
             raise NotBuiltYet(f"stage '{name}' is not built yet") from None
         raise
     part = kwargs.get("part") if stage.incremental else None
+    own = [f"{name}.part{part}"] if part is not None else [name]
     if not is_main_process():  # rank 0 holds the locks and checks the inputs for the whole launch
         _inputs(run_dir, stage, manifest, cfg)  # a missing upstream stage: the same error as on rank 0
+        if not _await_rank0(cfg, stage, own[0], force):
+            log(f"[{name}] complete, skipped (rank 0 found it complete)")
+            return load_manifest(run_dir)["stages"][name]
         _discard_for_force(run_dir, stage, force, kwargs)
         return _run_as_worker(cfg, stage, module, log, **kwargs)
-    own = [f"{name}.part{part}"] if part is not None else [name]
     with locks.hold(run_dir, exclusive=own, shared=_read_locks(cfg, stage, part), what=f"downscale {name}"):
         locks.sweep_staging(run_dir)
         manifest = load_manifest(run_dir)  # again, under the locks (``why`` stays the one seen before them: under
@@ -584,6 +589,49 @@ def run_stage(cfg: ExperimentConfig, name: str, force: bool = False, log: Callab
         if part is not None:
             return _run_part(cfg, stage, module, inputs, log, **kwargs)
         return _run_whole(cfg, stage, module, inputs, log, status, why, **kwargs)
+
+
+_STARTED = time.time()  # about when this process started (imports included): a lock record older than this by
+# minutes is not this launch's
+
+
+RANK0_TIMEOUT_S = 900.0  # how long a rank > 0 waits for rank 0 to take the stage's lock
+
+
+def _await_rank0(cfg: ExperimentConfig, stage: Stage, lock: str, force: bool, timeout: float | None = None) -> bool:
+    """A rank > 0 waits until rank 0 of its launch holds the stage's lock (it has decided to run and checked the
+    inputs): True, go on. False when the stage is complete and no process holds the lock (rank 0 skipped it).
+    Before this, a rank touches nothing: a second launch's ranks cannot discard a running launch's checkpoints. A
+    rank 0 that gave up (a lock held by another job, a corrupt input) ends the launch (the launcher stops the other
+    ranks); ``StageError`` after ``timeout`` otherwise."""
+    timeout = RANK0_TIMEOUT_S if timeout is None else timeout
+    me, deadline = locks.launch_id(), time.monotonic() + timeout
+    while True:
+        rec = locks.record(cfg.run_dir, lock)
+        if me is None or (rec.get("launch") == me and float(rec.get("epoch", 0)) >= _STARTED - 300):
+            return True
+        if locks.holder(cfg.run_dir, lock) is None and (
+                _completed_since(cfg, stage, lock, _STARTED - 300) or (not force and stage_status(cfg, stage)[0]
+                                                                       == "complete")):
+            return False  # rank 0 skipped it, or ran a stage without collectives to its end already
+        if time.monotonic() > deadline:
+            raise StageError(f"rank {os.environ.get('RANK')}: rank 0 of this launch did not take the lock "
+                             f"{locks.lock_path(cfg.run_dir, lock)} within {timeout:.0f}s; see rank 0's error")
+        time.sleep(0.2)
+
+
+def _completed_since(cfg: ExperimentConfig, stage: Stage, lock: str, since: float) -> bool:
+    """Whether ``stage`` (or the part that ``lock`` names) was recorded complete after ``since`` (epoch seconds)."""
+    import datetime
+
+    node = load_manifest(cfg.run_dir)["stages"].get(stage.name) or {}
+    if ".part" in lock:
+        node = (node.get("parts") or {}).get(lock.rsplit(".part", 1)[1]) or {}
+    try:
+        ended = datetime.datetime.strptime(node.get("ended") or "", "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except ValueError:
+        return False
+    return node.get("status") == "complete" and ended >= since
 
 
 def _discard_for_force(run_dir: Path, stage: Stage, force: bool, kwargs: dict) -> None:
@@ -614,17 +662,17 @@ def _log_skip(cfg: ExperimentConfig, stage: Stage, manifest: dict, why: str, log
     bad = input_problems(cfg, stage, manifest, cheap=True)
     if bad:
         up, path, what = bad[0]
-        log(f"[{stage.name}] note: {path} ({stage.name} read it) is {what}: `downscale {up}` writes it again, "
+        log(f"[{stage.name}] note: {path} ({stage.name} read it): {what}; `downscale {up}` writes it again, "
             f"`downscale status` shows what else would re-run")
 
 
-def input_problems(cfg: ExperimentConfig, stage: Stage, manifest: dict,
-                   cheap: bool = False) -> list[tuple[str, Path, str]]:
-    """``[(upstream stage, file, what is wrong)]`` for the files ``stage`` reads of its complete upstream stages,
-    against the file tables their manifest entries recorded (``downscale.integrity``)."""
+def input_problems(cfg: ExperimentConfig, stage: Stage, manifest: dict, cheap: bool = False,
+                   only: tuple[str, ...] | None = None) -> list[tuple[str, Path, str]]:
+    """``[(upstream stage, file, what is wrong)]`` for the files ``stage`` reads of its complete upstream stages
+    (``only`` those named), against the file tables their manifest entries recorded (``downscale.integrity``)."""
     whole = _reads_reports(stage, cfg)
     out = []
-    for up in stage.upstream:
+    for up in stage.upstream if only is None else [u for u in stage.upstream if u in only]:
         entry = manifest["stages"].get(up) or {}
         if entry.get("status") != "complete":
             continue
@@ -639,10 +687,10 @@ class CorruptInput(StageError):
     """A file a stage would read changed on disk after the stage that wrote it completed."""
 
 
-def check_inputs(cfg: ExperimentConfig, stage: Stage, manifest: dict) -> None:
+def check_inputs(cfg: ExperimentConfig, stage: Stage, manifest: dict, only: tuple[str, ...] | None = None) -> None:
     """Refuse to run ``stage`` on an upstream file that changed after it was written: ``CorruptInput``, one line
     naming the file and the stage that writes it again."""
-    bad = input_problems(cfg, stage, manifest)
+    bad = input_problems(cfg, stage, manifest, only=only)
     if bad:
         up, path, what = bad[0]
         more = f" (and {len(bad) - 1} more file{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""

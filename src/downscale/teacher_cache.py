@@ -65,7 +65,7 @@ def _damage(path: Path, meta: dict) -> str | None:
     for k, record in (meta.get("checksums") or {}).items():
         what = file_problem(path / f"{k}.npy", record)
         if what is not None:
-            return f"{k}.npy is {what}"
+            return f"{k}.npy: {what}"
     return None
 
 

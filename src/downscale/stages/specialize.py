@@ -324,7 +324,7 @@ def build_caches(cfg: Any, student: int | None = None, log=None) -> list[str]:
     with locks.hold(run_dir, exclusive=[], shared=["data", "base"], what="downscale specialize --cache-only"):
         stage = pipeline.get_stage(STAGE)
         manifest = pipeline.load_manifest(run_dir)
-        pipeline.check_inputs(cfg, stage, manifest)  # what is complete of data, base (and compress) is unchanged
+        pipeline.check_inputs(cfg, stage, manifest, only=("data", "base"))  # what the caches are made from
         device, amp = models.setup_runtime(cfg.run)
         teacher = load_teacher(run_dir / "base", scfg, device, amp)
         ctx = StageContext(cfg=cfg, run_dir=run_dir, staging=run_dir / ".staging" / "cache", stage=STAGE, log=log)
