@@ -49,7 +49,7 @@ def _reused(args, target: float) -> tuple[dict | None, float | None]:
     if not path.is_file():
         return None, None
     rep = json.loads(path.read_text())
-    made_at = rep["plan"]["target_params"] / rep["base"]["params"]
+    made_at = rep["plan"]["target_params"] / rep["base"]["params"]["total"]
     same = (abs(made_at - target) < 1e-3 and rep.get("search") and rep["settings"]["importance"] ==
             cfg.compress.importance and rep["settings"]["calibration"] == cfg.compress.calibration)
     if not same:
@@ -77,7 +77,7 @@ def main() -> int:
         if rep is None:
             rep, secs = _compress(args.config, [*args.overrides, f"compress.target_params={target}"])
         else:
-            print(f"== target {target}: the run directory's compress.json (its search ran {secs:.0f}s ago in a "
+            print(f"== target {target}: the run directory's compress.json (its stage took {secs:.0f}s in a "
                   f"`downscale run`) is reused", flush=True)
         shape = rep["plan"]["chosen"]["shape"]
         search = rep["search"] or {}

@@ -232,9 +232,11 @@ def test_a_held_student_is_one_line_naming_the_holder_and_a_dead_holders_lock_is
 
 # The CLI in a child process whose every checkpoint save is followed by 0.2 s of sleep: on a quiet machine a tiny
 # training finishes in under a second, so a signal sent once two checkpoints exist would otherwise land after the
-# end. Sleeping changes no number.
+# end. Sleeping changes no number. SIGINT gets Python's handler back: started from a non-interactive shell's
+# background job (as CI may be), a process inherits SIGINT ignored, and Python then leaves it ignored.
 SLOW_SAVES = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: a background job ignores Ctrl-C
 from downscale import cli, train
 save = train.save_checkpoint
 def slow(*args, **kwargs):
