@@ -49,6 +49,8 @@ def _reused(args, target: float) -> tuple[dict | None, float | None]:
     if not path.is_file():
         return None, None
     rep = json.loads(path.read_text())
+    if not rep["plan"].get("target_params"):  # made with an explicit shape (a method row), not at a target
+        return None, None
     made_at = rep["plan"]["target_params"] / rep["base"]["params"]["total"]
     same = (abs(made_at - target) < 1e-3 and rep.get("search") and rep["settings"]["importance"] ==
             cfg.compress.importance and rep["settings"]["calibration"] == cfg.compress.calibration)

@@ -96,6 +96,8 @@ def upstream_problems(run_dir: Path, entry: dict, outputs: tuple[str, ...], repo
     against its recorded fingerprints."""
     table = entry.get("files")
     if table is None:
+        if cheap:  # a folder fingerprint reads every byte: not for a note
+            return []
         out = []
         for name, fp in (entry.get("outputs") or {}).items():
             path = run_dir / name
