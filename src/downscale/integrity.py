@@ -31,7 +31,8 @@ class CorruptArtifact(StageError):
     one line and exits 2."""
 
 
-def _files_below(path: Path) -> list[Path]:
+def files_below(path: Path) -> list[Path]:
+    """The file ``path``, or every file below the folder ``path`` (sorted as ``_io.dir_fingerprint`` walks them)."""
     if path.is_file():
         return [path]
     if path.is_dir():
@@ -59,7 +60,7 @@ def file_table(run_dir: Path, outputs: Iterable[str]) -> dict[str, list]:
     """``{path relative to the run directory: [size, mtime_ns, fingerprint]}`` for every file below ``outputs``."""
     table = {}
     for name in outputs:
-        for f in _files_below(run_dir / name):
+        for f in files_below(run_dir / name):
             table[f.relative_to(run_dir).as_posix()] = file_record(f)
     return table
 
@@ -113,7 +114,7 @@ def upstream_problems(run_dir: Path, entry: dict, outputs: tuple[str, ...], repo
             if why is not None:
                 problems.append((run_dir / rel, why))
     for name in outputs:
-        for f in _files_below(run_dir / name):
+        for f in files_below(run_dir / name):
             rel = f.relative_to(run_dir).as_posix()
             hidden = any(part.startswith(".") for part in Path(rel).parts)
             if rel not in table and _reads(rel, reports, with_reports) and not hidden:

@@ -402,21 +402,26 @@ def _inputs(run_dir: Path, stage: Stage, manifest: dict, cfg: ExperimentConfig |
     return out
 
 
-def _products(run_dir: Path, stage: Stage) -> dict[str, str]:
-    """Fingerprints of the stage's outputs as the stages after it read them: ``all`` (every file) and
-    ``content`` (every file but the report files, ``Stage.reports``)."""
-    files = []
+def _fingerprints(run_dir: Path, stage: Stage) -> tuple[dict[str, str], dict[str, str]]:
+    """The stage's output fingerprints, each file read once: ``outputs`` (per output, what ``_io.dir_fingerprint``
+    gives: ``stage_status`` recomputes it to see a change on disk) and ``products`` (as the stages after it read them:
+    ``all``, every file, and ``content``, every file but the report files, ``Stage.reports``)."""
+    fps: dict[str, str] = {}  # run-relative path -> file fingerprint
+    outputs = {}
     for name in stage.outputs:
-        path = run_dir / name
-        found = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
-        files += [(f.relative_to(run_dir).as_posix(), f) for f in found]
+        path, h = run_dir / name, hashlib.sha256()
+        for f in integrity.files_below(path):
+            fp = fps[f.relative_to(run_dir).as_posix()] = file_fingerprint(f)
+            h.update(str(f.relative_to(path)).encode())
+            h.update(fp.encode())
+        outputs[name] = fps[name] if path.is_file() else h.hexdigest()[:16]
     every, content = hashlib.sha256(), hashlib.sha256()
-    for rel, f in sorted(files):
-        item = f"{rel}\0{file_fingerprint(f)}\n".encode()
+    for rel, fp in sorted(fps.items()):
+        item = f"{rel}\0{fp}\n".encode()
         every.update(item)
         if not any(fnmatch.fnmatch(rel, pattern) for pattern in stage.reports):
             content.update(item)
-    return {"content": content.hexdigest()[:16], "all": every.hexdigest()[:16]}
+    return outputs, {"content": content.hexdigest()[:16], "all": every.hexdigest()[:16]}
 
 
 def _current_scheme(entry: dict) -> bool:
@@ -529,9 +534,9 @@ def _complete(cfg: ExperimentConfig, stage: Stage, entry: dict) -> dict:
     """Mark ``entry`` complete: fingerprint the outputs, keep the config the stage ran with, record it."""
     run_dir = cfg.run_dir
     config_file = _write_stage_config(cfg, stage.name)
-    entry.update(status="complete", ended=_now(), outputs={o: dir_fingerprint(run_dir / o) for o in stage.outputs},
-                 products=_products(run_dir, stage), files=integrity.file_table(run_dir, stage.outputs),
-                 config_file=config_file)
+    outputs, products = _fingerprints(run_dir, stage)
+    entry.update(status="complete", ended=_now(), outputs=outputs, products=products,
+                 files=integrity.file_table(run_dir, stage.outputs), config_file=config_file)
     entry.pop("pid", None)
     _update_entry(run_dir, stage.name, entry)
     return entry

@@ -226,7 +226,7 @@ def build_teacher_cache(teacher_model: torch.nn.Module, blocks: np.ndarray, out_
         del arrays
         if was_training:
             teacher_model.train()
-    # size, modification time and fingerprint of each array: ``open`` refuses a cache changed since (garbled,
+    # size, modification time and sha256 of each array: ``open`` refuses a cache changed since (garbled,
     # truncated, overwritten)
     meta = {**settings, "blocks_done": n_blocks, "complete": True,
             "checksums": {k: file_record(part / f"{k}.npy") for k in _ARRAYS}}
@@ -320,7 +320,7 @@ class TeacherCache:
         ids = torch.from_numpy(self.ids[idx].reshape(-1, k).astype(np.int64))
         lp = torch.from_numpy(np.ascontiguousarray(self.logprobs[idx]).reshape(-1, k))
         tail = torch.from_numpy(np.ascontiguousarray(self.tail[idx]).reshape(-1))
-        # what a checksum can miss (a big file is fingerprinted by samples) must not reach the loss as NaN
+        # what the checksum cannot see (a garble with its modification time put back) must not reach the loss
         bad_ids = bool(ids.numel()) and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0)
         if bad_ids or bool(torch.isnan(lp).any()) or bool((lp > 1e-2).any()) or bool(torch.isnan(tail).any()):
             raise TeacherCacheError(f"teacher cache {self.path}: blocks {idx[:4].tolist()}... hold impossible "
