@@ -1,5 +1,6 @@
 """Compress on the real SmolLM2-135M: loss right after pruning per shape family, per importance method (and
-random), at 0.6 and 0.4 of the base; the shape search's choice and its time, beside the split policy's shape.
+random), at 0.6 and 0.4 of the base; the shape search's choice and its time, beside the split policy's shape and
+the same students without the least-squares refit (``compress.reconstruct``).
 
 Runs the compress stage itself (``pipeline.run_stage(..., force=True)``) on a run directory whose data and
 base stages are complete, e.g. after ``downscale run configs/smollm2-135m_to_3.yaml`` (or ``downscale data`` +
@@ -96,14 +97,18 @@ def main() -> int:
                "families": families, "grid_size": search.get("grid_size"),
                "students": [{"shard": s["shard"], "val": s["val_loss"],
                              "random": (s.get("random_baseline") or {}).get("val_loss"),
-                             "unsearched": (s.get("unsearched") or {}).get("val_loss")} for s in rep["students"]],
+                             "unsearched": (s.get("unsearched") or {}).get("val_loss"),
+                             "without_reconstruct": (s.get("without_reconstruct") or {}).get("val_loss")}
+                            for s in rep["students"]],
                "methods": {}}
         print(f"== target {target}: chosen {shape} by {rep['plan']['chosen']['by']} in {secs:.0f}s "
               f"(search {search.get('seconds')}s over {search.get('grid_size')} grid shapes)", flush=True)
         for s in row["students"]:
             print(f"   student {s['shard']}: val pooled {s['val']['pooled']:.3f} (own {s['val'][s['shard']]:.3f}); "
                   f"random importance {s['random']['pooled'] if s['random'] else float('nan'):.3f}; split "
-                  f"policy's shape {s['unsearched']['pooled'] if s['unsearched'] else float('nan'):.3f}", flush=True)
+                  f"policy's shape {s['unsearched']['pooled'] if s['unsearched'] else float('nan'):.3f}; without the "
+                  f"refit {s['without_reconstruct']['pooled'] if s['without_reconstruct'] else float('nan'):.3f}",
+                  flush=True)
         for fam, c in sorted(families.items(), key=lambda kv: kv[1]["loss"]):
             print(f"   family {fam:<26} best {c['loss']:.3f}  {c['shape']}", flush=True)
         fixed = [f"compress.shape.{k}={v}" for k, v in shape.items()]

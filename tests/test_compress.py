@@ -67,6 +67,10 @@ def test_compress_stage_end_to_end(tmp_path, arch, tied):
         assert model.config.hidden_size == st["shape"]["hidden_size"]
         assert AutoTokenizer.from_pretrained(folder).vocab_size > 0
         assert json.loads((folder / "compress_student.json").read_text())["shard"] == shards[i]
+        # the refit (compress.reconstruct, on by default) ran and its effect is recorded beside the student
+        assert st["rounds"][0]["refit_projections"] > 0
+        assert set(st["without_reconstruct"]["val_loss"]) == {*shards, "pooled"}
+    assert report["settings"]["reconstruct"] is True
     assert len(list((cfg.run_dir / "work" / "compress" / "scores").glob("*.safetensors"))) == 3
     assert not (cfg.run_dir / ".staging" / "compress").exists()
     # re-pruning to another shape reuses the cached importance scores: no new calibration pass

@@ -21,6 +21,7 @@ from downscale.config import ExperimentConfig
 from downscale.data.blocks import open_split
 
 pytestmark = pytest.mark.slow
+REFIT_MARGIN = {0.6: 0.2, 0.4: 0.2}  # nats/token on the code student's val blocks (measured: see BENCHMARKS.md)
 
 
 def _tree(tmp, base_dir, **compress) -> dict:
@@ -53,7 +54,9 @@ def _check_reload_and_quality(cfg, target: float) -> dict:
 
     from downscale.pruning.importance import load_scores
     from downscale.pruning.plan import Shape, config_refusal
+    from downscale.pruning.reconstruct import collect_grams, refit_student
     from downscale.pruning.surgery import extract_student, select_units
+    from downscale.stages.compress import _calibration_blocks
 
     rep = _report(cfg)
     st = rep["students"][0]
@@ -68,6 +71,10 @@ def _check_reload_and_quality(cfg, target: float) -> dict:
     scores = [load_scores(p) for p in (cfg.run_dir / "work" / "compress" / "scores").glob("*.safetensors")]
     assert len(scores) == 1
     base_scores = scores[0]
+    # the stage's calibration blocks, for the Gram matrices of the least-squares refit (compress.reconstruct)
+    blocks, _ = _calibration_blocks(cfg.run_dir, ["code"], cfg.compress.calibration_sequences, cfg.run.seed,
+                                    open_split)
+    assert rep["settings"]["reconstruct"] is True
     again = base
     for r, rnd in enumerate(st["rounds"]):  # more than half cut: two rounds, the second scored on the first's cut
         if r > 0:
@@ -75,7 +82,12 @@ def _check_reload_and_quality(cfg, target: float) -> dict:
                             key=lambda p: p.stat().st_mtime)
             scores = [load_scores(cached[-1])]
         s = Shape(**rnd["shape"])
-        again = extract_student(again, s, select_units(scores[0], again.config, s), scores[0].norm_ms).eval()
+        keep = select_units(scores[0], again.config, s)
+        grams = collect_grams(again, blocks, cfg.compress.calibration_batch_size, torch.device("cpu"),
+                              torch.bfloat16)
+        new = extract_student(again, s, keep, scores[0].norm_ms)
+        assert refit_student(new, again, keep, grams, cfg.compress.reconstruct_damp) == rnd["refit_projections"] > 0
+        again = new.eval()
     assert again.config.num_hidden_layers == shape.num_layers
     ids = torch.as_tensor(np.asarray(open_split(cfg.run_dir, "code", "val")[:2], dtype=np.int64))
     with torch.no_grad():
@@ -93,6 +105,12 @@ def _check_reload_and_quality(cfg, target: float) -> dict:
                                   share=True)
     assert mine < models.mean_nll(rnd_student, val, 4, torch.device("cpu"), torch.bfloat16)[0] - 0.1
     assert mine < st["random_baseline"]["val_loss"]["code"] - 0.1, st
+    # the refit buys a clear margin over the same cut without it (one-shot, from the base's scores)
+    plain = extract_student(base, shape, select_units(base_scores, base.config, shape), base_scores.norm_ms,
+                            share=True)
+    without = models.mean_nll(plain, val, 4, torch.device("cpu"), torch.bfloat16)[0]
+    assert without == pytest.approx(st["without_reconstruct"]["val_loss"]["code"], abs=5e-3)
+    assert mine < without - REFIT_MARGIN[target], (mine, without)
     if "unsearched" in st:
         assert mine < st["unsearched"]["val_loss"]["code"], st
     else:  # the search chose the policy's shape itself

@@ -314,6 +314,15 @@ class CompressConfig(_Section):
                                      "recover_steps > 0 (rounds without recovery measured worse than one shot)."
     )
     norm_rescale: bool = Field(True, description="Rescale RMSNorm weights after hidden pruning.")
+    reconstruct: bool = Field(
+        True, description="After the cut, refit each kept layer's down_proj and o_proj by least squares so its "
+                          "output on the calibration blocks matches the uncut model's (pruning/reconstruct.py; "
+                          "one more forward pass, no training); applies to the search's candidates and baselines."
+    )
+    reconstruct_damp: float = Field(
+        0.01, gt=0, description="Ridge term of the refit, as a fraction of the mean diagonal of the kept "
+                                "channels' Gram matrix."
+    )
     recover_steps: int = Field(
         0, ge=0, description="Iterative mode: distillation steps from the base between pruning rounds (0: none); "
                              "uses specialize's KD settings and its batch size and learning rate.",

@@ -121,12 +121,14 @@ def compression_summary(comp: dict, top: int = 10) -> dict:
     search = comp.get("search") or {}
     out = {"chosen": (comp.get("plan") or {}).get("chosen"), "policy_shape": (comp.get("plan") or {}).get("student"),
            "importance": (comp.get("settings") or {}).get("importance"), "base_val_loss": comp["base"]["val_loss"],
+           "reconstruct": (comp.get("settings") or {}).get("reconstruct"),
            "candidates": (search.get("candidates") or [])[:top], "grid_size": search.get("grid_size"),
            "ranked_by": search.get("ranked_by"), "search_seconds": search.get("seconds"), "students": []}
     for st in comp.get("students", []):
         out["students"].append({"index": st["index"], "shard": st["shard"], "val_loss": st["val_loss"],
                                 "random_baseline": (st.get("random_baseline") or {}).get("val_loss"),
-                                "unsearched": (st.get("unsearched") or {}).get("val_loss")})
+                                "unsearched": (st.get("unsearched") or {}).get("val_loss"),
+                                "without_reconstruct": (st.get("without_reconstruct") or {}).get("val_loss")})
     return out
 
 
@@ -141,14 +143,19 @@ def compression_md(comp: dict) -> list[str]:
           f"({ch.get('fraction_of_base', 0):.1%} of the base), shape chosen by {ch.get('by', '?')}: hidden "
           f"{shape.get('hidden_size')}, MLP {shape.get('intermediate_size')}, heads {shape.get('num_heads')}/"
           f"{shape.get('num_kv_heads')} (query/KV), {shape.get('num_layers')} layers; importance "
-          f"{comp.get('importance')}. Validation loss right after pruning (pooled, nats/token), beside a student "
-          "of the same shape cut with random importance and the split policy's shape (what the search replaced):",
-          "", "| student | shard | pruned | random importance | split policy's shape |", "|---|---|---|---|---|"]
+          f"{comp.get('importance')}"
+          f"{'; kept projections refit by least squares' if comp.get('reconstruct') else ''}. Validation loss right "
+          "after pruning (pooled, nats/token), beside a student of the same shape cut with random importance, the "
+          "split policy's shape (what the search replaced) and the same student without the refit:",
+          "", "| student | shard | pruned | random importance | split policy's shape | without refit |",
+          "|---|---|---|---|---|---|"]
     for st in comp["students"]:
         rnd, uns = st.get("random_baseline") or {}, st.get("unsearched") or {}
+        wr = st.get("without_reconstruct") or {}
         md.append(f"| {st['index']} | {st['shard']} | {st['val_loss']['pooled']:.3f} | "
-                  f"{_fmt_num(rnd.get('pooled'), 3)} | {_fmt_num(uns.get('pooled'), 3)} |")
-    md.append(f"| base | | {comp['base_val_loss']['pooled']:.3f} | | |")
+                  f"{_fmt_num(rnd.get('pooled'), 3)} | {_fmt_num(uns.get('pooled'), 3)} | "
+                  f"{_fmt_num(wr.get('pooled'), 3)} |")
+    md.append(f"| base | | {comp['base_val_loss']['pooled']:.3f} | | | |")
     if comp.get("candidates"):
         md += ["", f"Shape search: {comp.get('grid_size')} grid shapes, best {len(comp['candidates'])} of those scored "
                f"({comp.get('ranked_by')}; mean NLL on held-out train blocks of each student's own shard, ranked "

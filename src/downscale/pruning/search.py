@@ -186,6 +186,8 @@ class SearchStudent:
     scores: Any  # importance.Scores
     blocks: Any  # np.ndarray [N, T] token ids of the student's own shard, never used for calibration
     norm_rescale: bool = True
+    grams: Any = None  # reconstruct.Grams of the base on the student's calibration blocks: refit every candidate
+    damp: float = 0.01
 
 
 def run_search(base, candidates: list[Candidate], students: list[SearchStudent], *, blocks: int, start_blocks: int,
@@ -199,6 +201,7 @@ def run_search(base, candidates: list[Candidate], students: list[SearchStudent],
     import torch
 
     from downscale.models import block_nll
+    from downscale.pruning.reconstruct import refit_student
     from downscale.pruning.surgery import extract_student, select_units
 
     sums: dict[tuple[Shape, int], list[float]] = {}  # (shape, student) -> [blocks scored, nll sum, tokens]
@@ -206,7 +209,10 @@ def run_search(base, candidates: list[Candidate], students: list[SearchStudent],
     def cut(c: Candidate, j: int, train: bool = False):
         st = students[j]
         keep = select_units(st.scores, base.config, c.shape)
-        return extract_student(base, c.shape, keep, st.scores.norm_ms if st.norm_rescale else None, share=not train)
+        model = extract_student(base, c.shape, keep, st.scores.norm_ms if st.norm_rescale else None, share=not train)
+        if st.grams is not None:
+            refit_student(model, base, keep, st.grams, st.damp)
+        return model
 
     def nll(model, tokens) -> tuple[float, int]:
         total, count = 0.0, 0

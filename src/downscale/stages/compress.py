@@ -136,6 +136,7 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
     from downscale.data.blocks import open_split, shard_names
     from downscale.pipeline import load_manifest
     from downscale.pruning.plan import plan_rounds
+    from downscale.pruning.reconstruct import collect_grams, refit_student
     from downscale.pruning.surgery import extract_student, select_units, verify_student
 
     cfg, c, run_dir = ctx.cfg, ctx.cfg.compress, ctx.run_dir
@@ -200,8 +201,15 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
         key = _score_key(fingerprints, c, calib_shards, len(blocks), rng_seed, dtype, amp, device, i)
         scores, how = _scores(base, blocks, c, device, amp, score_dir / f"{key}.safetensors",
                               desc=f"student {i} scores", seed=_seed(rng_seed, i))
+        grams = None
+        if c.reconstruct:
+            grams = collect_grams(base, blocks, c.calibration_batch_size, device, amp,
+                                  desc=f"student {i} gram matrices")
         calib.append({"shards": calib_shards, "blocks": blocks, "used": used, "key": key, "scores": scores,
-                      "how": how, "seconds": time.time() - t0})
+                      "how": how, "grams": grams, "seconds": time.time() - t0})
+    if c.reconstruct:
+        ctx.log(f"[compress] reconstruct: Gram matrices of the down_proj/o_proj inputs, "
+                f"{sum(x['grams'].nbytes() for x in calib) / 2**30:.2f} GiB for {len(calib)} students")
 
     # 2. the shape: the search's best (shared by every student), or the split policy's
     t_search = time.time()
@@ -239,6 +247,11 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
             norm_ms = scores.norm_ms if c.norm_rescale else None
             keep = select_units(scores, model.config, shape)
             new = extract_student(model, shape, keep, norm_ms)
+            refit = 0
+            if c.reconstruct:  # the previous round's student has its own Gram matrices
+                grams = cal["grams"] if r == 0 else collect_grams(model, cal["blocks"], c.calibration_batch_size,
+                                                                  device, amp, desc=f"student {i} round {r + 1} grams")
+                refit = refit_student(new, model, keep, grams, c.reconstruct_damp)
             verify_student(new, shape)
             if model is not base:
                 del model
@@ -248,7 +261,8 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
             if actual != predicted:
                 raise RuntimeError(f"student {i} round {r + 1}: {actual:,} parameters, planner said {predicted:,}")
             rounds_log.append({"round": r + 1, "shape": shape.as_dict(), "params": actual, "scores": how,
-                               "kept_layers": keep.layers, "seconds": round(time.time() - tr, 2)})
+                               "kept_layers": keep.layers, "refit_projections": refit,
+                               "seconds": round(time.time() - tr, 2)})
             ctx.log(f"[compress] student {i} ({shard}) round {r + 1}/{len(rounds)}: {shape.as_dict()} "
                     f"-> {actual:,} params (scores {how})")
             if recover is not None and r < len(rounds) - 1:
@@ -271,8 +285,10 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
         entry["reload_max_abs_logit_diff"] = _reload_check(model, out_dir / str(i), open_split(run_dir, shard, "val"))
         students.append(entry)
         rb = entry.get("random_baseline", {}).get("val_loss", {}).get("pooled")
+        wr = entry.get("without_reconstruct", {}).get("val_loss", {}).get("pooled")
         ctx.log(f"[compress] student {i} ({shard}): val loss pooled {val['pooled']:.3f} (base "
                 f"{base_val['pooled']:.3f}" + (f"; random importance {rb:.3f}" if rb is not None else "") +
+                (f"; without the refit {wr:.3f}" if wr is not None else "") +
                 f") in {entry['seconds']:.1f}s")
         del model
         if device.type == "cuda":
@@ -289,7 +305,8 @@ def run(ctx: StageContext, recover: Recover | None = None) -> dict:
         "search": search_report,
         "settings": {"importance": c.importance, "calibration": c.calibration,
                      "calibration_sequences": c.calibration_sequences, "head_mode": the_plan.head_mode,
-                     "norm_rescale": c.norm_rescale, "val_blocks": c.val_blocks, "device": str(device),
+                     "norm_rescale": c.norm_rescale, "reconstruct": c.reconstruct,
+                     "reconstruct_damp": c.reconstruct_damp, "val_blocks": c.val_blocks, "device": str(device),
                      "dtype": str(dtype).removeprefix("torch."),
                      "precision": str(amp or "fp32").removeprefix("torch.")},
         "students": students,
@@ -329,7 +346,8 @@ def _choose_shape(ctx: StageContext, base, info, the_plan: Plan, hf_config, shar
     for i, shard in enumerate(shards):
         data = open_split(ctx.run_dir, shard, "train")
         idx = _draw(len(data), c.search.blocks, [cfg.run.seed, 104729, i, len(data)], calib[i]["used"].get(shard))
-        students.append(search.SearchStudent(calib[i]["scores"], data[idx], c.norm_rescale))
+        students.append(search.SearchStudent(calib[i]["scores"], data[idx], c.norm_rescale, calib[i]["grams"],
+                                             c.reconstruct_damp))
     ctx.log(f"[compress] shape search: {len(candidates)} candidates at {the_plan.target:,} parameters, "
             f"{len(students)} students, up to {c.search.blocks} held-out blocks each")
     finalists = search.run_search(base, candidates, students, blocks=c.search.blocks,
@@ -356,20 +374,35 @@ def _baselines(ctx, base, cal: dict, chosen, policy_shape, val_losses, c, i: int
     """The random-importance student of the chosen shape, and the split policy's shape when the search chose
     another: their validation losses right after one-shot pruning, beside the real student's."""
     from downscale.pruning.importance import random_scores
+    from downscale.pruning.reconstruct import refit_student
     from downscale.pruning.surgery import extract_student, select_units
 
     out: dict = {}
     norm_ms = cal["scores"].norm_ms if c.norm_rescale else None
+
+    def cut(scores, shape):  # what the stage does to the real student, with other scores or another shape
+        keep = select_units(scores, base.config, shape)
+        model = extract_student(base, shape, keep, norm_ms, share=True)
+        if cal["grams"] is not None:
+            refit_student(model, base, keep, cal["grams"], c.reconstruct_damp)
+        return model
+
     if c.search.random_baseline and c.importance != "random":
-        rnd = random_scores(base, _seed(ctx.cfg.run.seed, i) + 1)
-        model = extract_student(base, chosen, select_units(rnd, base.config, chosen), norm_ms)
+        model = cut(random_scores(base, _seed(ctx.cfg.run.seed, i) + 1), chosen)
         out["random_baseline"] = {"importance": "random", "shape": chosen.as_dict(), "one_shot": True,
-                                  "val_loss": val_losses(model)}
+                                  "reconstruct": c.reconstruct, "val_loss": val_losses(model)}
         del model
     if policy_shape != chosen:
-        model = extract_student(base, policy_shape, select_units(cal["scores"], base.config, policy_shape), norm_ms)
-        out["unsearched"] = {"shape": policy_shape.as_dict(), "one_shot": True, "val_loss": val_losses(model),
+        model = cut(cal["scores"], policy_shape)
+        out["unsearched"] = {"shape": policy_shape.as_dict(), "one_shot": True, "reconstruct": c.reconstruct,
+                             "val_loss": val_losses(model),
                              "note": "the split policy's shape (what compress chose before the search)"}
+        del model
+    if c.reconstruct:  # what the refit buys: the same student without it
+        keep = select_units(cal["scores"], base.config, chosen)
+        model = extract_student(base, chosen, keep, norm_ms, share=True)
+        out["without_reconstruct"] = {"shape": chosen.as_dict(), "one_shot": True, "val_loss": val_losses(model),
+                                      "note": "the chosen student cut from the same scores, not refit"}
         del model
     return out
 
