@@ -17,13 +17,15 @@ from tiny import domain_text, make_tokenizer, tiny_model  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
 
 
-@pytest.fixture
-def lm(tmp_path):
+@pytest.fixture(params=["routed", "sparse"])
+def lm(tmp_path, request):
+    """The adapter over a routed ensemble, and over a sparse one (routed after 2 tokens, then one student)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "tok", domain_text("legal") + domain_text("code")))
     students = [tiny_model(seed=i, vocab_size=len(tok)) for i in range(2)]
-    return EnsembleLM(ensemble=EnsembleModel(students, mode="routed", tokenizer=tok), batch_size=3)
+    return EnsembleLM(ensemble=EnsembleModel(students, mode=request.param, tokenizer=tok, sparse_prefix=2),
+                      batch_size=3)
 
 
 def _req(kind: str, args: tuple, i: int) -> Instance:

@@ -22,8 +22,8 @@ SECTIONS = {
     "specialize": {"kd_ratio": 0.5, "train": {"max_steps": 20, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2,
                                               "eval_every": 20, "eval_batches": 1, "save_every": 20,
                                               "log_every": 5}},
-    "combine": {"modes": ["logit_mean", "prob_mean", "routed", "weighted"], "weights": [0.5, 0.25, 0.25],
-                "prior_blocks": 4},
+    "combine": {"modes": ["logit_mean", "prob_mean", "routed", "weighted", "sparse"], "weights": [0.5, 0.25, 0.25],
+                "prior_blocks": 4, "sparse_prefix": 8},
     "evaluate": {"control": True, "batch_size": 4},
 }
 
@@ -54,7 +54,7 @@ def test_whole_pipeline_writes_every_row_and_the_report(finished_run) -> None:
     for shard in res["shards"]:
         assert oracle["loss"][shard] == min(r["loss"][shard] for r in spec)
     # the ensemble-size curve at m = n is the full ensemble of that mode
-    for mode in ("logit_mean", "prob_mean"):
+    for mode in ("logit_mean", "prob_mean", "routed", "sparse"):
         full = next(r for r in res["rows"] if r["kind"] == "ensemble" and r["mode"] == mode)
         assert res["ensemble_size_curves"][mode][-1]["loss"] == pytest.approx(full["loss"]["pooled"], rel=1e-4)
         # m = 1 averages the three single students
@@ -81,6 +81,45 @@ def test_whole_pipeline_writes_every_row_and_the_report(finished_run) -> None:
         assert name in report, name
     assert (out / "loss_vs_ensemble_size.png").stat().st_size > 1000
     assert (out / "loss_vs_params.png").stat().st_size > 1000
+    assert (out / "loss_vs_inference_flops.png").stat().st_size > 1000
+    assert (out / "loss_vs_training_flops.png").stat().st_size > 1000
+    assert res["curve_mode"] == "routed" and res["ensemble_size_curve"] == res["ensemble_size_curves"]["routed"]
+    assert "uses mode **routed**" in report
+
+
+def test_sparse_row_counts_what_ran_and_the_verdict_speaks_of_inference_cost(finished_run) -> None:
+    cfg, _ = finished_run
+    res = json.loads((cfg.run_dir / "eval" / "results.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    base, routed, sparse = rows["base"], rows["ensemble (routed)"], rows["ensemble (sparse)"]
+    spec = [r for r in res["rows"] if r["kind"] == "specialized"]
+    # every test block is one sequence: all three students read its first 7 tokens, then one student the rest
+    T, blocks = res["context"], sum(res["test_tokens"].values()) // (res["context"] - 1)
+    info = sparse["sparse"]
+    assert info["top_k"] == 1 and info["prefix"] == 8 and sum(info["sequences_routed"]) == blocks
+    assert info["positions"] == blocks * T
+    for i in range(3):
+        assert info["student_positions"][i] == blocks * 7 + info["sequences_routed"][i] * (T - 7)
+    want = sum(s["params"] * info["student_positions"][i] / info["positions"] for i, s in enumerate(spec))
+    assert sparse["active_params"] == round(want)
+    # (the context here is 32 tokens, so the 7-token prefix is a large share; the demo's is 256)
+    assert min(s["params"] for s in spec) <= sparse["active_params"] < 0.75 * routed["active_params"]
+    assert sparse["flops_per_token"] == pytest.approx(
+        sum(s["flops_per_token"] * info["student_positions"][i] / info["positions"] for i, s in enumerate(spec)))
+    # the verdict at inference cost, for every ensemble
+    v = res["verdict"]
+    by = {e["name"]: e for e in v["at_inference_cost"]}
+    assert set(by) == {r["name"] for r in res["rows"] if r["kind"] == "ensemble"}
+    for name, e in by.items():
+        assert e["flops_ratio"] == pytest.approx(rows[name]["flops_per_token"] / base["flops_per_token"])
+        assert e["beats_base"] == (rows[name]["loss"]["pooled"] < base["loss"]["pooled"])
+        assert ("beats" if e["beats_base"] else "loses") in e["statement"] and f"{e['flops_ratio']:.2f}x" in \
+            e["statement"]
+    cheap = [e for e in by.values() if e["flops_ratio"] <= 1]
+    assert v["best_at_most_base_cost"] == min(cheap, key=lambda e: e["loss"])
+    report = (cfg.run_dir / "eval" / "report.md").read_text()
+    assert "## Inference cost" in report and "At equal inference cost" in report
+    assert by["ensemble (sparse)"]["statement"] in report
 
 
 def test_base_row_matches_an_independent_computation(finished_run) -> None:

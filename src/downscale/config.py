@@ -385,12 +385,13 @@ class SpecializeConfig(_Section):
 
 
 class CombineConfig(_Section):
-    modes: list[Literal["logit_mean", "prob_mean", "routed", "weighted"]] = Field(
-        default_factory=lambda: ["logit_mean", "prob_mean", "routed"], min_length=1,
+    modes: list[Literal["logit_mean", "prob_mean", "routed", "weighted", "sparse"]] = Field(
+        default_factory=lambda: ["logit_mean", "prob_mean", "routed", "sparse"], min_length=1,
         description="Ensemble modes to build and evaluate: mean of logits (product of experts), mean of "
-                    "probabilities (mixture), routed mixture, fixed-weight mixture.",
+                    "probabilities (mixture), routed mixture, fixed-weight mixture, sparse (routed once per "
+                    "sequence from its prefix, then only the chosen students run).",
     )
-    default_mode: Literal["logit_mean", "prob_mean", "routed", "weighted"] | None = Field(
+    default_mode: Literal["logit_mean", "prob_mean", "routed", "weighted", "sparse"] | None = Field(
         None, description="Mode that load_ensemble uses when none is asked for; null: the first of modes."
     )
     source: Literal["specialized", "students"] = Field(
@@ -408,6 +409,13 @@ class CombineConfig(_Section):
         1.0, gt=0, description="Divides the Bayes evidence (1: exact posterior) or the cluster distances."
     )
     router_top_k: int | None = Field(None, ge=1, description="Keep only the k largest router weights per position.")
+    sparse_top_k: int = Field(
+        1, ge=1, description="Mode sparse: students that run for a sequence after its prefix (the router's top k)."
+    )
+    sparse_prefix: int = Field(
+        16, ge=1, description="Mode sparse: tokens of a sequence the router reads before it decides (every student "
+                              "runs on them); in generation the whole prompt decides."
+    )
     weights: list[float] | None = Field(
         None, description="Fixed weights for mode 'weighted': one per student, non-negative, summing to 1."
     )

@@ -11,6 +11,9 @@ combined next-token scores. Modes (``logits`` is what ``forward`` returns, [B, T
   so far, with a prior estimated on validation data) or ``cluster`` (c-BTM: softmax of minus the
   distance of the prefix text to each cluster centroid); optional top-k and frozen-after-prefix.
 - ``weighted``: the mixture log sum_i w_i p_i with fixed weights.
+- ``sparse``: the routed mixture, routed once per sequence from its first ``sparse_prefix`` tokens, after which
+  only the ``sparse_top_k`` chosen students run (``downscale.sparse``): what makes an ensemble cheaper than the
+  base at inference. ``sparse_stats`` counts what ran.
 
 ``forward(input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False)``
 returns a ``CausalLMOutputWithPast`` (``.loss`` is the HF-shifted mean next-token NLL of the
@@ -39,12 +42,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from downscale import routing
+from downscale import routing, sparse
 from downscale.fastpath import StackedKV, StackedStudents, stack_incompatibility
 from downscale.models import split_head
 from downscale.pipeline import StageError
+from downscale.sparse import SparseStats
 
-MODES = ("logit_mean", "prob_mean", "routed", "weighted")
+MODES = ("logit_mean", "prob_mean", "routed", "weighted", "sparse")
 # Per chunk of positions the combination holds about this many bytes of per-student fp32 scores.
 DEFAULT_CHUNK_BYTES = 16 * 2**20  # measured best of 1-512 MiB on CPU (n=8, V=8192)
 # On a GPU: 16 MiB would be 1 position per chunk for 8 students x 4 rows at a 128k vocabulary, each chunk a
@@ -106,6 +110,7 @@ class EnsembleModel(torch.nn.Module):
         router: ``bayes`` or ``cluster``; router_prefix: tokens the router sees (None: all so far);
         router_temperature: divides the evidence (bayes) or the distances (cluster);
         router_top_k: keep the k largest weights per position.
+        sparse_top_k, sparse_prefix: mode ``sparse``: students kept per sequence, tokens the router reads.
         cluster_dir: the data stage's clusterer folder (router ``cluster``), or ``clusterer``: an object
         with ``distances(texts) -> [N, n]``; tokenizer: decodes prefixes for the cluster router and
         text for ``generate_text``.
@@ -119,7 +124,7 @@ class EnsembleModel(torch.nn.Module):
                  router_temperature: float = 1.0, router_top_k: int | None = None,
                  cluster_dir: str | Path | None = None, clusterer: Any = None, tokenizer: Any = None,
                  fast: bool = True,
-                 chunk_bytes: int | None = None):
+                 chunk_bytes: int | None = None, sparse_top_k: int = 1, sparse_prefix: int = 16):
         super().__init__()
         if not students:
             raise EnsembleError("an ensemble needs at least one student")
@@ -140,6 +145,12 @@ class EnsembleModel(torch.nn.Module):
         if router_temperature <= 0:
             raise EnsembleError(f"router_temperature: expected > 0; got {router_temperature}")
         self.router, self.router_prefix = router, router_prefix
+        if not 1 <= int(sparse_top_k) <= self.n:
+            raise EnsembleError(f"sparse_top_k: expected 1 to {self.n} (the number of students); got {sparse_top_k}")
+        if int(sparse_prefix) < 1:
+            raise EnsembleError(f"sparse_prefix: expected at least 1 token; got {sparse_prefix}")
+        self.sparse_top_k, self.sparse_prefix = int(sparse_top_k), int(sparse_prefix)
+        self.sparse_stats = SparseStats(self.n)
         self.router_temperature, self.top_k = float(router_temperature), router_top_k
         self.cluster_dir, self.clusterer, self.tokenizer = cluster_dir, clusterer, tokenizer
         self._cluster: routing.ClusterRouter | None = None
@@ -163,7 +174,8 @@ class EnsembleModel(torch.nn.Module):
         check_mode(mode)
         if mode == "weighted" and self.weights is None:
             raise EnsembleError("mode 'weighted' needs weights (combine.weights)")
-        if mode == "routed" and self.router == "cluster" and self.cluster_dir is None and self.clusterer is None:
+        if mode in ("routed", "sparse") and self.router == "cluster" and self.cluster_dir is None and \
+                self.clusterer is None:
             raise EnsembleError("router 'cluster' needs the clusterer (cluster_dir)")
         self._mode = mode
 
@@ -320,7 +332,17 @@ class EnsembleModel(torch.nn.Module):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         with torch.no_grad():
-            logits, new_cache = self._forward(input_ids, attention_mask, past_key_values, use_cache, logits_to_keep)
+            if self.mode == "sparse":
+                if past_key_values is not None or use_cache:
+                    raise EnsembleError("mode 'sparse' decodes through generate(); forward with a KV cache is not "
+                                        "supported")
+                input_ids = input_ids.to(self.device)
+                mask = None if attention_mask is None else attention_mask.to(self.device)
+                logits = sparse.forward_logprobs(self, input_ids, mask)
+                logits, new_cache = (logits[:, -logits_to_keep:] if logits_to_keep else logits), None
+            else:
+                logits, new_cache = self._forward(input_ids, attention_mask, past_key_values, use_cache,
+                                                  logits_to_keep)
         loss = None
         if labels is not None:
             V = logits.shape[-1]
@@ -348,6 +370,9 @@ class EnsembleModel(torch.nn.Module):
         tokens predicted, computed chunk by chunk: the [B, T, V] scores never exist at once (what evaluation
         needs at a 128k vocabulary)."""
         input_ids = input_ids.to(self.device)
+        if self.mode == "sparse":
+            target, _ = sparse.score(self, input_ids)
+            return -float(target.double().sum()), int(target.numel())
         total, count = torch.zeros((), dtype=torch.float64, device=input_ids.device), 0  # read once, at the end
         chunks, _ = self._combined_chunks(input_ids, None, None, False, 0)
         for t0, t1, combined in chunks:
@@ -423,6 +448,9 @@ class EnsembleModel(torch.nn.Module):
         (``logit_mean`` is not a mixture: it reports the uniform 1/n it averages logits with.)"""
         input_ids = input_ids.to(self.device)
         B, q = input_ids.shape
+        if self.mode == "sparse":
+            raise EnsembleError("router_weights: mode 'sparse' routes once per sequence (sparse_stats counts where "
+                                "its sequences went)")
         if self.mode != "routed":
             w = torch.tensor(self.weights if self.mode == "weighted" else [1.0 / self.n] * self.n)
             return w[:, None, None].expand(self.n, B, q).to(input_ids.device).clone()
@@ -466,6 +494,9 @@ class EnsembleModel(torch.nn.Module):
         eos = self._eos(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         mask = attention_mask.to(self.device) if attention_mask is not None else torch.ones_like(input_ids)
+        if self.mode == "sparse":  # route on the prompt, then only the chosen students decode
+            return sparse.generate(self, input_ids, mask.long(), max_new_tokens,
+                                   lambda sc: _pick(sc, do_sample, temperature, top_k, top_p, generator), eos, pad)
         ids, cache = input_ids, None
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         step_ids = ids

@@ -12,6 +12,7 @@
      "weights": [0.5, 0.5] | null,                # mode weighted
      "router": {"kind": "bayes" | "cluster", "prefix": int | null, "temperature": float,
                 "top_k": int | null, "cluster_dir": "cluster" | null},   # cluster_dir inside the folder
+     "sparse": {"top_k": 1, "prefix": 16},         # mode sparse (absent: these defaults)
      "prior": [..n floats..],                     # the Bayes router's prior (EM on validation blocks)
      "prior_estimate": {...},                     # how the prior was estimated (blocks, iterations, ...)
      "fast_path": true, "versions": {...}}
@@ -202,7 +203,8 @@ def load_ensemble(path: str | Path, mode: str | None = None, device: str | torch
         check_weights(spec["weights"], len(folders), f"{file}: weights")
     router: dict[str, Any] = spec["router"]
     cluster_dir = ens_dir / router["cluster_dir"] if router.get("cluster_dir") else None
-    if mode == "routed" and router.get("kind") == "cluster" and (cluster_dir is None or not cluster_dir.exists()):
+    if mode in ("routed", "sparse") and router.get("kind") == "cluster" and (cluster_dir is None or
+                                                                        not cluster_dir.exists()):
         raise EnsembleError(f"{file}: router.cluster_dir: the clusterer folder is missing")
     have = {Path(k).resolve(): m for k, m in (loaded or {}).items()}
     students = [m if (m := have.get(f.resolve())) is not None else models.load_causal_lm(f, dtype=dtype, device=device)
@@ -216,7 +218,9 @@ def load_ensemble(path: str | Path, mode: str | None = None, device: str | torch
             router=router.get("kind", "bayes"), router_prefix=router.get("prefix"),
             router_temperature=float(router.get("temperature", 1.0)), router_top_k=router.get("top_k"),
             cluster_dir=cluster_dir, tokenizer=tokenizer,
-            fast=bool(spec.get("fast_path", True)) if fast is None else fast)
+            fast=bool(spec.get("fast_path", True)) if fast is None else fast,
+            sparse_top_k=int((spec.get("sparse") or {}).get("top_k", 1)),
+            sparse_prefix=int((spec.get("sparse") or {}).get("prefix", 16)))
     except EnsembleError as exc:
         raise EnsembleError(f"{file}: {exc}") from None
 

@@ -40,9 +40,18 @@ def verdict(results: dict) -> str:
     text = (f"The best ensemble, {v['best_ensemble']}, {'BEATS' if v['ensemble_beats_base'] else 'does NOT beat'} "
             f"the base: pooled test loss {v['best_ensemble_loss']:.4f} vs {v['base_loss']:.4f} nats/token "
             f"({'-' if diff > 0 else '+'}{abs(diff):.4f}), with {size:.2f}x the base's parameters in total.")
+    if v.get("best_ensemble_flops_ratio") is not None:
+        text += f" It runs at {v['best_ensemble_flops_ratio']:.2f}x the base's inference FLOPs per token."
     if "control_loss" in v:
         text += (f" Against the compute-matched control ({v['control_loss']:.4f}) it "
                  f"{'wins' if v['ensemble_beats_control'] else 'loses'}.")
+    if "at_inference_cost" in v:
+        cheap = v.get("best_at_most_base_cost")
+        if cheap is None:
+            text += " At equal inference cost: no ensemble runs at or below the base's FLOPs per token."
+        else:
+            text += (f" At equal inference cost: the best ensemble that costs at most the base per token, "
+                     f"{cheap['name']} ({cheap['loss']:.4f}), {cheap['statement']}.")
     return text
 
 
@@ -81,7 +90,11 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         md += ["", "The oracle picks, for each domain, the specialized student that is best on it (chosen on the "
                "test set itself: an upper bound for routing by domain): "
                + ", ".join(f"{s} -> {p}" for s, p in oracle["picks"].items()) + "."]
-    md += ["", "## Ensemble size", ""]
+    md += _inference_md(results, plots)
+    md += ["", "## Ensemble size", "",
+           f"The downscaling-law comparison (`ensemble_size_curve` in results.json, what `downscale law` reads) "
+           f"uses mode **{results.get('curve_mode', 'logit_mean')}**. A routed subset is the routed ensemble of "
+           "those students (the prior restricted to them); sparse subsets keep at most m students.", ""]
     for mode, pts in results["ensemble_size_curves"].items():
         lf = results["law_fit"].get(mode, {})
         fit = lf.get("fit") or {"status": "not fitted", "note": lf.get("error", "no fit")}
@@ -170,6 +183,36 @@ def compression_md(comp: dict) -> list[str]:
     return md + [""]
 
 
+def _inference_md(results: dict, plots: dict[str, str]) -> list[str]:
+    """Each ensemble against the base at its inference cost (FLOPs per token), and the two frontier plots."""
+    v = results["verdict"]
+    rows = v.get("at_inference_cost") or []
+    if not rows:
+        return []
+    by_name = {r["name"]: r for r in results["rows"]}
+    md = ["", "## Inference cost", "",
+          "Each ensemble against the base at what it costs to run: forward FLOPs per token at this context "
+          "(sparse: what really ran, averaged over positions, the routing prefix included).", "",
+          "| ensemble | pooled | active params | FLOPs/tok | x base | verdict |", "|---|---|---|---|---|---|"]
+    for e in rows:
+        r = by_name.get(e["name"], {})
+        md.append(f"| {e['name']} | {e['loss']:.4f} | {_fmt_params(r.get('active_params'))} | "
+                  f"{_sci(r.get('flops_per_token'))} | {e['flops_ratio']:.2f} | {e['statement']} |")
+    sp = next((r for r in results["rows"] if r.get("sparse")), None)
+    if sp:
+        info = sp["sparse"]
+        md += ["", f"Sparse routing: the {info['router']} router reads the first {info['prefix']} tokens of each "
+               f"sequence (every student runs there), then the top {info['top_k']} run alone; sequences routed to "
+               f"each student: {info['sequences_routed']}; fraction of positions each student ran on: "
+               f"{', '.join(f'{x:.2f}' for x in info['active_fraction'])}."]
+    md += ["", f"![loss vs inference FLOPs]({plots['inference']})", "",
+           f"![loss vs training FLOPs]({plots['training']})", "",
+           "Training FLOPs: the base at its own training cost when trained here, else a Chinchilla compute-optimal "
+           "estimate for its size (an imported base was trained elsewhere); the students and ensembles add the "
+           "pipeline's ledger (compress + specialize) to it, the control its own training."]
+    return md
+
+
 def _ledger_md(results: dict) -> list[str]:
     led = results["ledger"]
     md = ["## Compute ledger", "",
@@ -199,7 +242,8 @@ def _plots(results: dict, out_dir: Path) -> dict[str, str]:
 
     from downscale.law import ensemble_law
 
-    names = {"curve": "loss_vs_ensemble_size.png", "params": "loss_vs_params.png"}
+    names = {"curve": "loss_vs_ensemble_size.png", "params": "loss_vs_params.png",
+             "inference": "loss_vs_inference_flops.png", "training": "loss_vs_training_flops.png"}
     base_loss = results["base"]["loss"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode, pts in results["ensemble_size_curves"].items():
@@ -237,7 +281,64 @@ def _plots(results: dict, out_dir: Path) -> dict[str, str]:
     fig.tight_layout()
     _save_fig(fig, out_dir / names["params"])
     plt.close(fig)
+
+    # the frontier at inference: pooled loss against forward FLOPs per token, every row
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, marker in markers.items():
+        rows = [r for r in results["rows"] if r["kind"] == kind and r.get("flops_per_token")]
+        if rows:
+            ax.scatter([r["flops_per_token"] for r in rows], [r["loss"]["pooled"] for r in rows], marker=marker,
+                       s=60, label=kind)
+            for r in rows:
+                if kind in ("ensemble", "oracle", "control"):
+                    ax.annotate(r.get("mode") or kind, (r["flops_per_token"], r["loss"]["pooled"]), fontsize=7,
+                                xytext=(4, 2), textcoords="offset points")
+    ax.axhline(base_loss, color="k", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("inference FLOPs per token (forward)")
+    ax.set_ylabel("pooled test loss (nats/token)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_fig(fig, out_dir / names["inference"])
+    plt.close(fig)
+
+    # and at training: what each row cost to make, in total
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (label, x), group in _training_points(results).items():
+        for r in group:
+            ax.scatter([x], [r["loss"]["pooled"]], marker=markers.get(r["kind"], "o"), s=60)
+            ax.annotate(r.get("mode") or r["kind"], (x, r["loss"]["pooled"]), fontsize=7, xytext=(4, 2),
+                        textcoords="offset points")
+        ax.axvline(x, color="gray", lw=0.5, ls=":")
+        ax.text(x, ax.get_ylim()[1], label, rotation=90, fontsize=7, va="top", ha="right")
+    ax.set_xscale("log")
+    ax.set_xlabel("total training FLOPs to make the model")
+    ax.set_ylabel("pooled test loss (nats/token)")
+    fig.tight_layout()
+    _save_fig(fig, out_dir / names["training"])
+    plt.close(fig)
     return names
+
+
+def _training_points(results: dict) -> dict[tuple[str, float], list[dict]]:
+    """(label, total training FLOPs) -> the rows made at that cost: the base (its pretraining here, or a
+    compute-optimal from-scratch estimate), the pruned and specialized students and ensembles (the base plus the
+    pipeline's ledger), the control (the base plus its training)."""
+    led = results["ledger"]
+    trained = next((r["flops"] for r in led["stages"] if r["stage"].startswith("base (pretraining)")), None)
+    base_x = trained or ((led.get("from_scratch") or {}).get("hoffmann") or {}).get("flops") or 1.0
+    pipe = sum(r["flops"] for r in led["stages"]
+               if not r["stage"].startswith(("base", "control")))
+    control = next((r["flops"] for r in led["stages"] if r["stage"].startswith("control")), None)
+    out: dict[tuple[str, float], list[dict]] = {}
+    rows = results["rows"]
+    out[("base" + ("" if trained else " (from-scratch estimate)"), base_x)] = [r for r in rows if r["kind"] == "base"]
+    made = [r for r in rows if r["kind"] in ("specialized", "ensemble", "oracle")]
+    if made:
+        out[("base + pipeline", base_x + pipe)] = made
+    if control is not None:
+        out[("base + control", base_x + control)] = [r for r in rows if r["kind"] == "control"]
+    return out
 
 
 def _save_fig(fig: Any, path: Path) -> None:

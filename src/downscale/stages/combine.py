@@ -58,7 +58,9 @@ def run(ctx: StageContext, **_: object) -> dict:
             weights = check_weights(ccfg.weights, n, "combine.weights")
         except EnsembleError as exc:
             raise StageError(f"{source}: {exc}") from None
-    routed = "routed" in ccfg.modes
+    if "sparse" in ccfg.modes and ccfg.sparse_top_k > n:
+        raise StageError(f"{source}: combine.sparse_top_k: {ccfg.sparse_top_k} is more than the {n} students")
+    routed = "routed" in ccfg.modes or "sparse" in ccfg.modes
     cluster_dir = None
     if routed and ccfg.router == "cluster":
         cluster_dir = run_dir / "data" / "cluster"
@@ -96,6 +98,7 @@ def run(ctx: StageContext, **_: object) -> dict:
         "weights": weights,
         "router": {"kind": ccfg.router, "prefix": ccfg.router_prefix, "temperature": ccfg.router_temperature,
                    "top_k": ccfg.router_top_k},
+        "sparse": {"top_k": ccfg.sparse_top_k, "prefix": ccfg.sparse_prefix},
         "prior": prior,
         "prior_estimate": estimate,
         "val_loss": val_loss,

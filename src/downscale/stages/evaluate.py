@@ -28,7 +28,8 @@ from downscale._io import read_json, write_json_atomic
 from downscale.data.blocks import data_meta, open_split
 from downscale.pipeline import StageContext, StageError
 
-CURVE_MODES = ("logit_mean", "prob_mean")
+CURVE_MODES = ("logit_mean", "prob_mean")  # always on the curve; routed and sparse too when the ensemble has them
+ROUTED_CURVE_MODES = ("routed", "sparse")
 
 
 def run(ctx: StageContext) -> dict:
@@ -76,11 +77,18 @@ def run(ctx: StageContext) -> dict:
     ens_params = _ensemble_params(ens, specialized)
     for mode in ens_meta["modes"]:
         ens.mode = mode
-        rows.append(ev.score_model(f"ensemble ({mode})", "ensemble", ens, list(ens_meta["students"]),
-                                   mode=mode, params=ens_params, active=_active_params(ens, specialized, mode)))
-    del ens
-    curve = ensemble_size_curve(specialized, test, ecfg, device, amp, seed=cfg.run.seed, log=ctx.log)
-    del specialized
+        ens.sparse_stats.reset()
+        row = ev.score_model(f"ensemble ({mode})", "ensemble", ens, list(ens_meta["students"]),
+                             mode=mode, params=ens_params, active=_active_params(ens, specialized, mode))
+        if mode == "sparse":
+            _count_sparse(row, ens, specialized, ev.context)
+            ctx.log(f"[evaluate] ensemble (sparse): {row['active_params'] / 1e6:.2f}M parameters active per token on "
+                    f"average (top {ens.sparse_top_k} of {ens.n} after a {ens.sparse_prefix}-token prefix; "
+                    f"sequences per student {row['sparse']['sequences_routed']})")
+        rows.append(row)
+    curve = ensemble_size_curve(specialized, test, ecfg, device, amp, seed=cfg.run.seed, log=ctx.log, ens=ens,
+                                routed_modes=tuple(m for m in ROUTED_CURVE_MODES if m in ens_meta["modes"]))
+    del ens, specialized
 
     control_info = None
     if ecfg.control:
@@ -192,6 +200,19 @@ def _active_params(ens, specialized, mode: str) -> int:
     return sum(sizes)
 
 
+def _count_sparse(row: dict, ens, specialized, context: int) -> None:
+    """The sparse row's active parameters and FLOPs per token: what really ran (``ens.sparse_stats``, student x
+    position pairs), averaged over the positions scored, the prefix included."""
+    from downscale import cost
+    from downscale.models import count_params
+
+    st = ens.sparse_stats
+    row["active_params"] = int(round(st.active([count_params(s) for s in specialized])))
+    row["flops_per_token"] = st.active([cost.flops_per_token(s.config, context) for s in specialized])
+    row["sparse"] = {"router": ens.router, "top_k": ens.sparse_top_k, "prefix": ens.sparse_prefix,
+                     "active_fraction": [round(x, 6) for x in st.active_fraction()], **st.as_dict()}
+
+
 def _oracle_row(spec_rows: list[dict], shards: list[str]) -> dict:
     """For each domain, the specialized student that is best on it (chosen on the test set: an upper bound
     for any router that picks one student per domain)."""
@@ -217,12 +238,15 @@ def _oracle_row(spec_rows: list[dict], shards: list[str]) -> dict:
 
 @torch.no_grad()
 def ensemble_size_curve(students: list, test: dict[str, np.ndarray], ecfg: Any, device, amp, seed: int,
-                        log=print) -> dict:
-    """Mean pooled test loss over subsets of m students, m = 1..n, for each of CURVE_MODES.
+                        log=print, ens=None, routed_modes: tuple[str, ...] = ()) -> dict:
+    """Mean pooled test loss over subsets of m students, m = 1..n, for each of CURVE_MODES, and for
+    ``routed_modes`` (routed, sparse) with the router, prior and settings of ``ens`` (the EnsembleModel).
 
-    Every student runs once per batch; every subset's combined loss is computed from those logits
-    (all subsets when there are at most ``evaluate.curve_max_subsets`` of a size, else that many
-    random ones, seeded).
+    Every student runs once per batch; every subset's combined loss is computed from those logits (all subsets
+    when there are at most ``evaluate.curve_max_subsets`` of a size, else that many random ones, seeded). A
+    routed subset is the routed ensemble of those students: the Bayes router's prior restricted to them and
+    renormalised (the cluster router's weights likewise), its top-k at most m; computed from each student's
+    log-probability of each next token, so at m = n it is the ensemble's own routed / sparse row.
     """
     from downscale import models
 
@@ -238,8 +262,10 @@ def ensemble_size_curve(students: list, test: dict[str, np.ndarray], ecfg: Any, 
             while len(seen) < ecfg.curve_max_subsets:
                 seen.add(tuple(sorted(rng.choice(n, size=m, replace=False).tolist())))
             subsets += sorted(seen)
+    routed_modes = [m for m in ROUTED_CURVE_MODES if ens is not None and m in routed_modes]
+    modes = [*CURVE_MODES, *routed_modes]
     # summed on the device (float64) and read once at the end: no host sync per subset and chunk
-    sums = {mode: torch.zeros(len(subsets), dtype=torch.float64, device=device) for mode in CURVE_MODES}
+    sums = {mode: torch.zeros(len(subsets), dtype=torch.float64, device=device) for mode in modes}
     count = 0
     for blocks in test.values():
         for start in range(0, len(blocks), ecfg.batch_size):
@@ -252,10 +278,13 @@ def ensemble_size_curve(students: list, test: dict[str, np.ndarray], ecfg: Any, 
                 hidden.append(h.reshape(-1, h.shape[-1]))
             heads = [s.get_output_embeddings().weight.float() for s in students]
             step = models.nll_chunk_tokens(heads[0].shape[0], n)
+            target = torch.empty(n, len(all_labels), device=device) if routed_modes else None  # log p_i(next token)
             for c in range(0, len(all_labels), step):
                 labels = all_labels[c:c + step]
                 z = torch.stack([h[c:c + step].float() @ w.T for h, w in zip(hidden, heads, strict=True)])  # [n,C,V]
                 logp = torch.log_softmax(z, dim=-1)
+                if target is not None:
+                    target[:, c:c + step] = logp.gather(-1, labels[None, :, None].expand(n, -1, 1)).squeeze(-1)
                 for j, sub in enumerate(subsets):
                     idx = list(sub)
                     mean_logits = z[idx].mean(0)
@@ -263,10 +292,16 @@ def ensemble_size_curve(students: list, test: dict[str, np.ndarray], ecfg: Any, 
                     sums["logit_mean"][j] += nll.sum().double()
                     mix = torch.logsumexp(logp[idx], dim=0) - math.log(len(idx))
                     sums["prob_mean"][j] -= mix.gather(-1, labels[:, None]).sum().double()
+            if target is not None:
+                lp = target.view(n, ids.shape[0], -1)  # [n, B, T-1]
+                raw = _router_scores(ens, ids, lp, routed_modes)
+                for j, sub in enumerate(subsets):
+                    for mode in routed_modes:
+                        sums[mode][j] -= _routed_target(ens, mode, lp, raw[mode], list(sub)).sum().double()
             count += all_labels.numel()
     sums = {mode: v.cpu().numpy() for mode, v in sums.items()}
     curve = {}
-    for mode in CURVE_MODES:
+    for mode in modes:
         points = []
         for m in range(1, n + 1):
             js = [j for j, sub in enumerate(subsets) if len(sub) == m]
@@ -277,6 +312,50 @@ def ensemble_size_curve(students: list, test: dict[str, np.ndarray], ecfg: Any, 
     log(f"[evaluate] ensemble-size curve over {len(subsets)} subsets: " + "; ".join(
         f"{mode}: " + ", ".join(f"m={p['m']} {p['loss']:.3f}" for p in pts) for mode, pts in curve.items()))
     return curve
+
+
+def _router_scores(ens, ids: torch.Tensor, lp: torch.Tensor, modes: list[str]) -> dict[str, torch.Tensor]:
+    """Per routed mode, the router's unnormalised log weights of every student at every predicting position
+    [n, B, T-1], before any top-k: Bayes, log prior + evidence of the tokens seen (up to the router's prefix);
+    cluster, minus the scaled distances of the text seen (normalised over all n students, which a subset's
+    renormalisation undoes)."""
+    from downscale.sparse import cluster_router
+
+    n, B, T1 = lp.shape
+    out = {}
+    for mode in modes:
+        prefix = ens.sparse_prefix if mode == "sparse" else ens.router_prefix
+        if ens.router == "cluster":
+            cr = cluster_router(ens, prefix)
+            mask = torch.ones(B, T1, dtype=torch.long, device=ids.device)
+            pos = torch.arange(T1, device=ids.device)[None].expand(B, T1)
+            out[mode] = cr.log_weights(ids[:, :T1], mask, pos, start=0).double()
+            continue
+        limit = T1 if prefix is None else max(0, prefix - 1)  # tokens x_1 .. x_limit are evidence
+        seen = lp.double().clone()
+        seen[:, :, limit:] = 0
+        evidence = torch.zeros(n, B, T1, dtype=torch.float64, device=lp.device)
+        evidence[:, :, 1:] = seen[:, :, :-1].cumsum(-1)  # the weight at t has seen x_1 .. x_t
+        log_prior = torch.tensor(ens.prior or [1.0 / n] * n, dtype=torch.float64).log().to(lp.device)
+        out[mode] = log_prior[:, None, None] + evidence / ens.router_temperature
+    return out
+
+
+def _routed_target(ens, mode: str, lp: torch.Tensor, raw: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """log p(next token) [B, T-1] of the routed (or sparse) ensemble of the students ``idx``."""
+    from downscale.routing import normalise_log_weights
+
+    sub = raw[idx]
+    if mode == "routed":
+        k = None if ens.top_k is None else min(ens.top_k, len(idx))
+        log_w = normalise_log_weights(sub, k)
+    else:  # the prefix: the full posterior; from column P-1 on: the top-k at P-1, frozen
+        c = ens.sparse_prefix - 1
+        log_w = normalise_log_weights(sub, None)
+        if c < sub.shape[-1]:
+            frozen = normalise_log_weights(sub[:, :, c], min(ens.sparse_top_k, len(idx)))
+            log_w[:, :, c:] = frozen[:, :, None]
+    return torch.logsumexp(log_w.float() + lp[idx], dim=0)
 
 
 # --------------------------------------------------------------------------- compute-matched control
@@ -340,7 +419,9 @@ def assemble_results(ctx: StageContext, rows: list[dict], curve: dict, shards: l
 
     cfg = ctx.cfg
     base = next(r for r in rows if r["kind"] == "base")
-    default_mode = "logit_mean" if "logit_mean" in curve else next(iter(curve))
+    # the downscaling-law comparison (results' ensemble_size_curve, what `downscale law` reads): the routed
+    # ensemble's curve when there is one (its law is the one that matters for routing by domain), else logit_mean
+    default_mode = next((m for m in ("routed", "logit_mean") if m in curve), next(iter(curve)))
     results: dict[str, Any] = {
         "schema": 1, "run": cfg.run.name, "shards": shards,
         "test_tokens": {s: int(b.size - len(b)) for s, b in test.items()},
@@ -373,6 +454,15 @@ def assemble_results(ctx: StageContext, rows: list[dict], curve: dict, shards: l
     return results
 
 
+def inference_cost_statement(loss: float, base_loss: float, ratio: float) -> str:
+    """How a model compares with the base at its inference cost (FLOPs per token as a multiple of the base's)."""
+    if loss < base_loss:
+        return (f"beats the base at {ratio:.2f}x its inference cost" if ratio <= 1 else
+                f"beats the base, but at {ratio:.2f}x its inference cost")
+    return (f"loses to the base at {ratio:.2f}x its inference cost" if ratio <= 1 else
+            f"loses to the base even at {ratio:.2f}x its inference cost")
+
+
 def _verdict(rows: list[dict]) -> dict:
     base = next(r for r in rows if r["kind"] == "base")
     ensembles = [r for r in rows if r["kind"] == "ensemble"]
@@ -380,10 +470,22 @@ def _verdict(rows: list[dict]) -> dict:
     best = min(ensembles, key=lambda r: r["loss"]["pooled"]) if ensembles else None
     out = {"base_loss": base["loss"]["pooled"], "best_ensemble": best["name"] if best else None,
            "best_ensemble_loss": best["loss"]["pooled"] if best else None}
+    base_flops = base["flops_per_token"]
+    # each ensemble against the base at its inference FLOPs per token (what it costs to run, not its size)
+    out["at_inference_cost"] = [
+        {"name": r["name"], "loss": r["loss"]["pooled"], "flops_ratio": r["flops_per_token"] / base_flops,
+         "active_params_ratio": r["active_params"] / base["params"],
+         "beats_base": r["loss"]["pooled"] < base["loss"]["pooled"],
+         "statement": inference_cost_statement(r["loss"]["pooled"], base["loss"]["pooled"],
+                                               r["flops_per_token"] / base_flops)}
+        for r in ensembles]
+    cheap = [e for e in out["at_inference_cost"] if e["flops_ratio"] <= 1]
+    out["best_at_most_base_cost"] = min(cheap, key=lambda e: e["loss"]) if cheap else None
     if best:
         out["ensemble_beats_base"] = best["loss"]["pooled"] < base["loss"]["pooled"]
         out["margin_vs_base"] = base["loss"]["pooled"] - best["loss"]["pooled"]
         out["ensemble_params_fraction_of_base"] = best["params"] / base["params"]
+        out["best_ensemble_flops_ratio"] = best["flops_per_token"] / base_flops
     if control and best:
         out["control_loss"] = control["loss"]["pooled"]
         out["ensemble_beats_control"] = best["loss"]["pooled"] < control["loss"]["pooled"]
