@@ -6,6 +6,11 @@ median time of each and their ratio; then the same for a small batch (1 x 64 tok
 greedy generation tokens/s for both paths (n = 2, 8). The goal: the fast path >= 1.5x the
 sequential one at n = 8 on CPU (forward, 8 x 256).
 
+Sparse generation (mode ``sparse``, top-1, Bayes router: every student reads the prompt, then the chosen one
+decodes alone) against dense routed generation (every student every step, the fast path), one student's own
+``generate`` and a base of about 1.7x a student's size, at n = 3 and 8: tokens/s for the same prompt and length.
+Goals: sparse top-1 within 1.3x of one student's own generation time, and >= 2x faster than dense routed at n = 3.
+
     .venv/bin/python benchmarks/bench_ensemble.py [--quick] [--modes logit_mean,prob_mean] [--threads 2]
 
 Timings on a shared machine are noisy (+-10-15%); only ratios measured side by side in one run
@@ -102,6 +107,48 @@ def bench_generate(n: int, mode: str, repeats: int, batch: int, prompt: int, new
     return row
 
 
+def bench_sparse_generate(n: int, repeats: int, batch: int, prompt: int, new: int, hidden: int, layers: int,
+                          vocab: int) -> dict:
+    """Greedy generation of ``new`` tokens after the same prompt: sparse top-1, dense routed, one student's own
+    HF generate, and the base (hidden x 1.25, one more layer); interleaved rounds, medians."""
+    from downscale.ensemble import EnsembleModel
+
+    students = _students(n, hidden, layers, vocab)
+    base = _students(1, hidden + hidden // 4, layers + 1, vocab, seed=100)[0]
+    ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(2))
+    sparse = EnsembleModel(students, mode="sparse", sparse_top_k=1)
+    dense = EnsembleModel(students, mode="routed")
+    one = students[0]
+
+    def hf(model):
+        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)
+
+    runs = {"sparse top-1": lambda: sparse.generate(ids, max_new_tokens=new, eos_token_id=[]),
+            "dense routed": lambda: dense.generate(ids, max_new_tokens=new, eos_token_id=[]),
+            "one student": lambda: hf(one), "base": lambda: hf(base)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.no_grad():
+        for r in range(repeats + 1):
+            for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                t = _time(runs[name])
+                if r:  # the first round warms up
+                    times[name].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = {"n": n, "batch": batch, "prompt": prompt, "new_tokens": new,
+           "tokens_per_s": {k: batch * new / v for k, v in med.items()},
+           "sparse_vs_one_student": med["sparse top-1"] / med["one student"],
+           "dense_vs_sparse": med["dense routed"] / med["sparse top-1"],
+           "sparse_vs_base": med["sparse top-1"] / med["base"],
+           "params": {"student": sum(p.numel() for p in one.parameters()),
+                      "base": sum(p.numel() for p in base.parameters())}}
+    print(f"generate n={n} batch {batch}, prompt {prompt}, {new} new tokens: "
+          + ", ".join(f"{k} {v:6.1f} tok/s" for k, v in row["tokens_per_s"].items())
+          + f"; sparse / one student time {row['sparse_vs_one_student']:.2f}x, dense routed / sparse "
+            f"{row['dense_vs_sparse']:.2f}x, sparse / base {row['sparse_vs_base']:.2f}x", flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (a smoke run)")
@@ -125,12 +172,19 @@ def main(argv: list[str] | None = None) -> dict:
     print("small batches (1 x 64 tokens: per-op overhead matters more than FLOPs):", flush=True)
     small = bench_forward([8], modes[:1], repeats + 2, 1, 64, **size)
     gen = [bench_generate(n, modes[0], max(1, repeats - 1), 4, 16, 8 if args.quick else 24, **size) for n in (2, 8)]
+    sparse_gen = [bench_sparse_generate(n, repeats, 1, 32, 8 if args.quick else 32, **size) for n in (3, 8)]
+    at3 = next(r for r in sparse_gen if r["n"] == 3)
+    sparse_goal = at3["sparse_vs_one_student"] <= 1.3 and at3["dense_vs_sparse"] >= 2.0
+    print(f"goal (sparse top-1 generation <= 1.3x one student's time and >= 2x faster than dense routed, n=3): "
+          f"{'MET' if sparse_goal else 'NOT MET'} ({at3['sparse_vs_one_student']:.2f}x, "
+          f"{at3['dense_vs_sparse']:.2f}x)", flush=True)
     at8 = [r for r in fwd if r["n"] == 8]
     goal = all(r["ratio"] >= 1.5 for r in at8)
     detail = ", ".join(f"{r['mode']} {r['ratio']:.2f}x" for r in at8)
     print(f"goal (fast path >= 1.5x sequential at n=8, forward): {'MET' if goal else 'NOT MET'} ({detail}); "
           f"{time.time() - t0:.0f}s", flush=True)
     result = {"forward": fwd, "forward_small_batch": small, "generate": gen, "goal_met": goal,
+              "sparse_generate": sparse_gen, "sparse_goal_met": sparse_goal,
               "threads": torch.get_num_threads(), **size}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
