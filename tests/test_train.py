@@ -94,6 +94,36 @@ def test_killed_run_resumes_to_identical_weights(tmp_path) -> None:
     assert steps == list(range(1, 8))
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_a_scheduler_signal_checkpoints_the_step_and_stops_then_resumes_exactly(tmp_path, signame) -> None:
+    """SLURM's preemption / requeue (SIGTERM) and its time-limit warning (--signal=USR1): the step in progress
+    finishes, is checkpointed (save_every is 2, the signal comes at step 5), fit raises Preempted; the next run
+    resumes from step 5 to the uninterrupted run's weights. The handlers are the previous ones afterwards."""
+    import os
+    import signal
+
+    from downscale.errors import Preempted
+
+    cfg = fake_data_run(tmp_path)
+    ref, _ = _fit(cfg, tmp_path / "a")
+    sig = getattr(signal, signame)
+    before = signal.getsignal(sig)
+
+    def send(step):
+        if step == 5:
+            os.kill(os.getpid(), sig)
+
+    with pytest.raises(Preempted, match=f"{signame} received: stopped after step 5 of 7"):
+        _fit(cfg, tmp_path / "b", on_step=send)
+    assert signal.getsignal(sig) == before
+    assert [p.name for p in train.list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-00000004",
+                                                                                         "step-00000005"]
+    resumed, res = _fit(cfg, tmp_path / "b")
+    assert res.resumed_from == 5
+    for (n, p), (_, q) in zip(ref.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
 def test_checkpoint_of_another_config_is_ignored(tmp_path) -> None:
     cfg = fake_data_run(tmp_path)
     _fit(cfg, tmp_path / "w")

@@ -118,6 +118,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     from downscale.config import ConfigError, load_config
+    from downscale.errors import EXIT_PREEMPTED, Preempted
     from downscale.pipeline import NotBuiltYet, StageError
 
     cfg = None
@@ -130,6 +131,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{exc}: its issue has not landed; nothing was written", code=2)
     except StageError as exc:
         return _fail(str(exc))
+    except Preempted as exc:  # SIGTERM / SIGUSR1 from a scheduler: checkpointed, resumes when run again
+        print(f"downscale: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("downscale: interrupted; complete stages are kept, the interrupted one resumes from its last "
               "checkpoint", file=sys.stderr)

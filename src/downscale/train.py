@@ -32,9 +32,53 @@ import numpy as np
 import torch
 
 from downscale._io import write_json_atomic
+from downscale.errors import EXIT_PREEMPTED, Preempted  # noqa: F401 (EXIT_PREEMPTED: part of this module's API)
 from downscale.pipeline import TRAIN_MONITORING
 
 CKPT_PREFIX = "step-"
+
+
+class _StopSignals:
+    """While active (main thread only): SIGTERM and SIGUSR1 set ``received`` instead of killing the process, so the
+    loop can finish its step and write a checkpoint. Restores the previous handlers on exit."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> _StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def _stop_requested(stop: _StopSignals, accelerator: Any, world: int) -> bool:
+    """Whether any rank received a stop signal (all ranks agree, so they checkpoint and stop at the same step)."""
+    if world == 1:
+        return stop.received is not None
+    flag = torch.tensor([1.0 if stop.received else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 class TrainingDiverged(RuntimeError):
@@ -376,88 +420,100 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
     final_val: dict[str, float] = {}
     last_good = start
     model_p.train()
-    for step in range(start, cfg.max_steps):
-        lr = lr_at(step, cfg)
-        for group in optimizer_p.param_groups:
-            group["lr"] = lr
-        step_stats: dict[str, float] = {}
-        for k in range(cfg.grad_accum):
-            # rows of this micro-batch for this rank: [k, rank] block of the global batch
-            first = (k * world + rank) * micro
-            batch = sampler.batch(step, slice(first, first + micro))
-            batch = {key: val.to(device) for key, val in batch.items()}
-            sync = k == cfg.grad_accum - 1
-            ctx = accelerator.no_sync(model_p) if (not sync and world > 1) else _null()
-            with ctx:
-                with accelerator.autocast():
-                    loss, stats = loss_fn(model_p, batch)
-                accelerator.backward(loss / cfg.grad_accum)
-            for key, val in {"loss": float(loss.detach()), **stats}.items():
-                step_stats[key] = step_stats.get(key, 0.0) + float(val) / cfg.grad_accum
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(model_p.parameters(), cfg.max_grad_norm))
-        bad_grad = grad_norm is not None and not math.isfinite(grad_norm)
-        bad = not math.isfinite(step_stats["loss"]) or (bad_grad and (scaler is None
-                                                                       or skipped_in_a_row + 1 >= MAX_SKIPPED_STEPS))
-        if bad:
-            bar.close()
-            if step == start and scaler is None:  # before any update: the inputs, not the learning rate
-                first = "the first step" if start == 0 else f"the first step after resuming from step {start}"
+    with _StopSignals() as stop:  # a scheduler's SIGTERM / SIGUSR1: checkpoint, then stop
+        for step in range(start, cfg.max_steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer_p.param_groups:
+                group["lr"] = lr
+            step_stats: dict[str, float] = {}
+            for k in range(cfg.grad_accum):
+                # rows of this micro-batch for this rank: [k, rank] block of the global batch
+                first = (k * world + rank) * micro
+                batch = sampler.batch(step, slice(first, first + micro))
+                batch = {key: val.to(device) for key, val in batch.items()}
+                sync = k == cfg.grad_accum - 1
+                ctx = accelerator.no_sync(model_p) if (not sync and world > 1) else _null()
+                with ctx:
+                    with accelerator.autocast():
+                        loss, stats = loss_fn(model_p, batch)
+                    accelerator.backward(loss / cfg.grad_accum)
+                for key, val in {"loss": float(loss.detach()), **stats}.items():
+                    step_stats[key] = step_stats.get(key, 0.0) + float(val) / cfg.grad_accum
+            grad_norm = None
+            if cfg.max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(model_p.parameters(), cfg.max_grad_norm))
+            bad_grad = grad_norm is not None and not math.isfinite(grad_norm)
+            overflowed = bad_grad and (scaler is None or skipped_in_a_row + 1 >= MAX_SKIPPED_STEPS)
+            bad = not math.isfinite(step_stats["loss"]) or overflowed
+            if bad:
+                bar.close()
+                if step == start and scaler is None:  # before any update: the inputs, not the learning rate
+                    first = "the first step" if start == 0 else f"the first step after resuming from step {start}"
+                    raise TrainingDiverged(
+                        f"{desc}: the loss is not finite at {first} (loss {step_stats['loss']}, grad norm "
+                        f"{grad_norm}), "
+                        f"before any weight update: the learning rate is not the cause; check what the loss reads: "
+                        + (inputs or "the starting weights and the data")
+                        + ("" if start == 0 else f", and the checkpoint {ckpt_root}/{CKPT_PREFIX}{start:08d}"))
                 raise TrainingDiverged(
-                    f"{desc}: the loss is not finite at {first} (loss {step_stats['loss']}, grad norm {grad_norm}), "
-                    f"before any weight update: the learning rate is not the cause; check what the loss reads: "
-                    + (inputs or "the starting weights and the data")
-                    + ("" if start == 0 else f", and the checkpoint {ckpt_root}/{CKPT_PREFIX}{start:08d}"))
-            raise TrainingDiverged(
-                f"{desc}: loss or gradient norm is not finite at step {step + 1} (loss {step_stats['loss']}, "
-                f"grad norm {grad_norm}); the last good checkpoint (step {last_good}) is kept in {ckpt_root}; "
-                + (f"{MAX_SKIPPED_STEPS} fp16 steps in a row overflowed; lower the learning rate"
-                   if bad_grad and scaler is not None and math.isfinite(step_stats["loss"])
-                   else "lower the learning rate or enable clipping"))
-        optimizer_p.step()
-        if scaler is not None and bad_grad:  # GradScaler.step skipped it and lowered the scale
-            skipped_in_a_row += 1
-            log(f"[{desc}] step {step + 1}: fp16 gradients overflowed; step skipped, loss scale lowered to "
-                f"{scaler.get_scale():g}")
-        else:
-            skipped_in_a_row = 0
-        optimizer_p.zero_grad(set_to_none=True)
-        done = step + 1
-        tokens += tokens_per_step
-        window_tok += tokens_per_step
-        for key, val in step_stats.items():
-            stats_acc[key] = stats_acc.get(key, 0.0) + val
-        bar.update(1)
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            n_log = cfg.log_every if done % cfg.log_every == 0 else (done % cfg.log_every)
-            elapsed = max(time.time() - window_t, 1e-9)
-            row = {"step": done, "lr": lr, "tokens": tokens, "tokens_per_s": window_tok / elapsed,
-                   **{k: v / n_log for k, v in stats_acc.items()}}
-            if grad_norm is not None:
-                row["grad_norm"] = grad_norm
-            history.append(row)
-            _emit(accelerator, metrics_path, row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            stats_acc, window_t, window_tok = {}, time.time(), 0
-        if validate is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            model_p.eval()
-            val = validate(inner_model)
-            _reshard(inner_model)
-            model_p.train()
-            final_val = val
-            row = {"step": done, "tokens": tokens, **{f"val/{k}": v for k, v in val.items()}}
-            history.append(row)
-            _emit(accelerator, metrics_path, row)
-            log(f"[{desc}] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
-            # every rank gathers (FSDP shards), the main process writes
-            save_checkpoint(ckpt_root, done, inner_model, inner_opt, {"tokens": tokens, "config_hash": config_hash},
-                            keep=cfg.keep_checkpoints, write=accelerator.is_main_process)
-            accelerator.wait_for_everyone()
-            last_good = done
-        if on_step is not None:
-            on_step(done)
+                    f"{desc}: loss or gradient norm is not finite at step {step + 1} (loss {step_stats['loss']}, "
+                    f"grad norm {grad_norm}); the last good checkpoint (step {last_good}) is kept in {ckpt_root}; "
+                    + (f"{MAX_SKIPPED_STEPS} fp16 steps in a row overflowed; lower the learning rate"
+                       if bad_grad and scaler is not None and math.isfinite(step_stats["loss"])
+                       else "lower the learning rate or enable clipping"))
+            optimizer_p.step()
+            if scaler is not None and bad_grad:  # GradScaler.step skipped it and lowered the scale
+                skipped_in_a_row += 1
+                log(f"[{desc}] step {step + 1}: fp16 gradients overflowed; step skipped, loss scale lowered to "
+                    f"{scaler.get_scale():g}")
+            else:
+                skipped_in_a_row = 0
+            optimizer_p.zero_grad(set_to_none=True)
+            done = step + 1
+            tokens += tokens_per_step
+            window_tok += tokens_per_step
+            for key, val in step_stats.items():
+                stats_acc[key] = stats_acc.get(key, 0.0) + val
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                n_log = cfg.log_every if done % cfg.log_every == 0 else (done % cfg.log_every)
+                elapsed = max(time.time() - window_t, 1e-9)
+                row = {"step": done, "lr": lr, "tokens": tokens, "tokens_per_s": window_tok / elapsed,
+                       **{k: v / n_log for k, v in stats_acc.items()}}
+                if grad_norm is not None:
+                    row["grad_norm"] = grad_norm
+                history.append(row)
+                _emit(accelerator, metrics_path, row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                stats_acc, window_t, window_tok = {}, time.time(), 0
+            if validate is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+                model_p.eval()
+                val = validate(inner_model)
+                _reshard(inner_model)
+                model_p.train()
+                final_val = val
+                row = {"step": done, "tokens": tokens, **{f"val/{k}": v for k, v in val.items()}}
+                history.append(row)
+                _emit(accelerator, metrics_path, row)
+                log(f"[{desc}] step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            if done % cfg.save_every == 0 or done == cfg.max_steps:
+                # every rank gathers (FSDP shards), the main process writes
+                save_checkpoint(ckpt_root, done, inner_model, inner_opt, {"tokens": tokens, "config_hash": config_hash},
+                                keep=cfg.keep_checkpoints, write=accelerator.is_main_process)
+                accelerator.wait_for_everyone()
+                last_good = done
+            if on_step is not None:
+                on_step(done)
+            if _stop_requested(stop, accelerator, world) and done < cfg.max_steps:
+                if last_good != done:  # finish what the step did: its checkpoint, then stop
+                    save_checkpoint(ckpt_root, done, inner_model, inner_opt,
+                                    {"tokens": tokens, "config_hash": config_hash},
+                                    keep=cfg.keep_checkpoints, write=accelerator.is_main_process)
+                    accelerator.wait_for_everyone()
+                bar.close()
+                raise Preempted(f"{desc}: {stop.received or 'a stop signal'} received: stopped after step {done} of "
+                                f"{cfg.max_steps} with its checkpoint in {ckpt_root}; run the same command again (or "
+                                f"requeue the job) to resume from it", stop.received or "SIGTERM")
     bar.close()
     seconds = time.time() - t0
     run_tokens = tokens - (resumed_from or 0) * tokens_per_step

@@ -100,9 +100,9 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, 
     Returns a new [out, len(keep)] tensor in ``weight``'s dtype; with nothing removed, the kept columns.
 
     Solved by a Cholesky factorisation of the damped G_KK (positive definite: a Gram matrix plus a ridge) in the
-    Gram's precision (float32 in the stage); where that is not enough (the factorisation fails) in float64. The shape search refits every candidate, so
-    this solve is most of its time: the float32 Cholesky is ~2x the float64 general solve, with the same
-    reconstruction error to 7 digits (measured at SmolLM2's MLP width)."""
+    Gram's precision (float32 in the stage); where that is not enough (the factorisation fails) in float64. The
+    shape search refits every candidate, so this solve is most of its time: the float32 Cholesky is ~2x the
+    float64 general solve, with the same reconstruction error to 7 digits (measured at SmolLM2's MLP width)."""
     n = weight.shape[1]
     keep = keep.to(gram.device)
     mask = torch.ones(n, dtype=torch.bool, device=gram.device)
