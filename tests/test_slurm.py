@@ -2,7 +2,8 @@
 scripts/slurm_pipeline.sh submits prepare -> a job array of students -> combine+evaluate, and the results equal
 those of `downscale run` with the same config. A student task cancelled mid-training fails the pipeline (its
 combine job never runs; the script says which task and how to resubmit) and resumes from its checkpoint when
-resubmitted; a task requeued with `scontrol requeue` (SIGTERM) checkpoints the step it is in and resumes from it.
+resubmitted; a task requeued with `scontrol requeue` (SIGTERM) checkpoints the step it is in and resumes from it;
+a task sent the time-limit warning (SIGUSR1 to its batch script) checkpoints, requeues itself and resumes.
 
 Skipped, with the reason, where SLURM is not installed or the tests do not run as root (.ci/run installs
 slurm-wlm and munge, so CI always runs them)."""
@@ -136,6 +137,10 @@ def test_a_cancelled_task_fails_the_pipeline_and_a_requeued_task_resumes_then_re
     cluster.scontrol("requeue", _first_task(cluster, run, 0))
     _wait_for_checkpoint(run, 1)
     subprocess.run(["scancel", _first_task(cluster, run, 1)], env=cluster.env, check=True)
+    # student 2: the time-limit warning (--signal=B:USR1@300) sent now to its batch script: the training checkpoints,
+    # and the script requeues the task itself
+    _wait_for_checkpoint(run, 2)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", _first_task(cluster, run, 2)], env=cluster.env, check=True)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 1, (out, err)
     prep, students, final = _jobs(out)
@@ -148,6 +153,12 @@ def test_a_cancelled_task_fails_the_pipeline_and_a_requeued_task_resumes_then_re
     stopped = int(re.search(r"stopped after step (\d+)", log0).group(1))
     assert f"resuming from checkpoint at step {stopped}" in log0, log0[-3000:]
     assert cluster.job_states(students)[f"{students}_0"] == "COMPLETED"
+    log2 = (run / "logs" / "slurm" / f"student-{students}_2.out").read_text()
+    assert "SIGUSR1 received: stopped after step" in log2 and "time limit near: student 2 checkpointed" in log2, \
+        log2[-3000:]
+    stopped = int(re.search(r"stopped after step (\d+)", log2).group(1))
+    assert f"resuming from checkpoint at step {stopped}" in log2, log2[-3000:]
+    assert cluster.job_states(students)[f"{students}_2"] == "COMPLETED"
     # resubmitted as the script says: that student alone (it resumes from its checkpoint), then combine+evaluate
     line = next(x for x in err.splitlines() if x.startswith("resubmit that student"))
     command = line.split("with: ", 1)[1]
