@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--sparse-only", action="store_true", help="only the sparse generation comparison")
+    p.add_argument("--gen-size", default=None, help="HIDDEN,LAYERS of the sparse generation students (default: the "
+                   "forward benchmark's; e.g. 512,8 for students whose weights do not fit in the CPU's caches)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,7 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
         small = bench_forward([8], modes[:1], repeats + 2, 1, 64, **size)
         gen = [bench_generate(n, modes[0], max(1, repeats - 1), 4, 16, 8 if args.quick else 24, **size)
                for n in (2, 8)]
-    sparse_gen = [bench_sparse_generate(n, repeats, 1, 32, 8 if args.quick else 32, **size) for n in (3, 8)]
+    gsize = dict(size)
+    if args.gen_size:
+        gsize["hidden"], gsize["layers"] = (int(x) for x in args.gen_size.split(","))
+        print(f"sparse generation students: hidden {gsize['hidden']}, {gsize['layers']} layers", flush=True)
+    sparse_gen = [bench_sparse_generate(n, repeats, 1, 32, 8 if args.quick else 32, **gsize) for n in (3, 8)]
     at3 = next(r for r in sparse_gen if r["n"] == 3)
     sparse_goal = at3["sparse_vs_one_student"] <= 1.3 and at3["dense_vs_sparse"] >= 2.0
     print(f"goal (sparse top-1 generation <= 1.3x one student's time and >= 2x faster than dense routed, n=3): "
