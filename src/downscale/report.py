@@ -310,7 +310,8 @@ def _plots(results: dict, out_dir: Path) -> dict[str, str]:
             ax.annotate(r.get("mode") or r["kind"], (x, r["loss"]["pooled"]), fontsize=7, xytext=(4, 2),
                         textcoords="offset points")
         ax.axvline(x, color="gray", lw=0.5, ls=":")
-        ax.text(x, ax.get_ylim()[1], label, rotation=90, fontsize=7, va="top", ha="right")
+        # the group's name along its line, inside the axes (x in data, y in axes fraction)
+        ax.text(x, 0.98, label, rotation=90, fontsize=7, va="top", ha="right", transform=ax.get_xaxis_transform())
     ax.set_xscale("log")
     ax.set_xlabel("total training FLOPs to make the model")
     ax.set_ylabel("pooled test loss (nats/token)")
