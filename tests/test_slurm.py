@@ -134,13 +134,13 @@ def test_a_cancelled_task_fails_the_pipeline_and_a_requeued_task_resumes_then_re
     # student 0: requeued in the middle (SIGTERM: it checkpoints the step it is in, SLURM starts it again);
     # student 1: cancelled in the middle
     _wait_for_checkpoint(run, 0)
-    cluster.scontrol("requeue", _first_task(cluster, run, 0))
+    cluster.scontrol("requeue", _first_task(cluster, 0))
     _wait_for_checkpoint(run, 1)
-    subprocess.run(["scancel", _first_task(cluster, run, 1)], env=cluster.env, check=True)
+    subprocess.run(["scancel", _first_task(cluster, 1)], env=cluster.env, check=True)
     # student 2: the time-limit warning (--signal=B:USR1@300) sent now to its batch script: the training checkpoints,
     # and the script requeues the task itself
     _wait_for_checkpoint(run, 2)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", _first_task(cluster, run, 2)], env=cluster.env, check=True)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", _first_task(cluster, 2)], env=cluster.env, check=True)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 1, (out, err)
     prep, students, final = _jobs(out)
@@ -178,7 +178,7 @@ def test_a_cancelled_task_fails_the_pipeline_and_a_requeued_task_resumes_then_re
     assert _losses(results) == _losses(reference)
 
 
-def _first_task(cluster, run: Path, student: int) -> str:
+def _first_task(cluster, student: int) -> str:
     """The job id of the running array task that trains ``student`` (from the pipeline's array)."""
     out = subprocess.run(["squeue", "-h", "-o", "%i %t"], capture_output=True, text=True, env=cluster.env,
                          check=True).stdout

@@ -194,6 +194,17 @@ def test_cluster_router_sparse_equals_routed_and_decides_without_a_student():
         assert torch.equal(gen[b], want[0])
 
 
+@pytest.mark.parametrize("columns, limit", [(9, None), (9, 4), (10, None), (3, 7), (1, None)])
+def test_causal_evidence_sums_the_tokens_seen_up_to_the_limit(columns, limit):
+    from downscale.routing import causal_evidence
+
+    lp = torch.randn(3, 2, 9, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = causal_evidence(lp, columns, limit)
+    for t in range(columns):
+        upto = min(t, 9 if limit is None else limit)  # lp[..., s] scores x_{s+1}: seen at t when s < t
+        torch.testing.assert_close(got[..., t], lp[..., :upto].sum(-1))
+
+
 def test_bad_sparse_settings_are_one_line_errors():
     students = _students(2)
     with pytest.raises(EnsembleError, match="sparse_top_k: expected 1 to 2"):

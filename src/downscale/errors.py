@@ -13,12 +13,5 @@ class Preempted(KeyboardInterrupt):
     step in progress was finished and checkpointed; running the same command again resumes from it. An interruption,
     like Ctrl-C (stages record it as ``interrupted``); the CLI exits with ``EXIT_PREEMPTED``."""
 
-    def __init__(self, message: str, signal_name: str = "SIGTERM"):
-        super().__init__(message)
-        self.signal_name = signal_name
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
 
 EXIT_PREEMPTED = 3  # scripts/slurm_specialize.sbatch requeues a task that exits with it after SIGUSR1

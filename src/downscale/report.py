@@ -268,12 +268,7 @@ def _plots(results: dict, out_dir: Path) -> dict[str, str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    markers = {"base": "s", "pruned": "v", "specialized": "o", "ensemble": "*", "control": "D", "oracle": "P"}
-    for kind, marker in markers.items():
-        rows = [r for r in results["rows"] if r["kind"] == kind]
-        if rows:
-            ax.scatter([r["params"] for r in rows], [r["loss"]["pooled"] for r in rows], marker=marker, s=60,
-                       label=kind)
+    _scatter_rows(ax, results["rows"], "params")
     ax.set_xscale("log")
     ax.set_xlabel("total parameters")
     ax.set_ylabel("pooled test loss (nats/token)")
@@ -284,15 +279,7 @@ def _plots(results: dict, out_dir: Path) -> dict[str, str]:
 
     # the frontier at inference: pooled loss against forward FLOPs per token, every row
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, marker in markers.items():
-        rows = [r for r in results["rows"] if r["kind"] == kind and r.get("flops_per_token")]
-        if rows:
-            ax.scatter([r["flops_per_token"] for r in rows], [r["loss"]["pooled"] for r in rows], marker=marker,
-                       s=60, label=kind)
-            for r in rows:
-                if kind in ("ensemble", "oracle", "control"):
-                    ax.annotate(r.get("mode") or kind, (r["flops_per_token"], r["loss"]["pooled"]), fontsize=7,
-                                xytext=(4, 2), textcoords="offset points")
+    _scatter_rows(ax, results["rows"], "flops_per_token", annotate=("ensemble", "oracle", "control"))
     ax.axhline(base_loss, color="k", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_xlabel("inference FLOPs per token (forward)")
@@ -306,7 +293,7 @@ def _plots(results: dict, out_dir: Path) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (label, x), group in _training_points(results).items():
         for r in group:
-            ax.scatter([x], [r["loss"]["pooled"]], marker=markers.get(r["kind"], "o"), s=60)
+            ax.scatter([x], [r["loss"]["pooled"]], marker=MARKERS.get(r["kind"], "o"), s=60)
             ax.annotate(r.get("mode") or r["kind"], (x, r["loss"]["pooled"]), fontsize=7, xytext=(4, 2),
                         textcoords="offset points")
         ax.axvline(x, color="gray", lw=0.5, ls=":")
@@ -319,6 +306,23 @@ def _plots(results: dict, out_dir: Path) -> dict[str, str]:
     _save_fig(fig, out_dir / names["training"])
     plt.close(fig)
     return names
+
+
+MARKERS = {"base": "s", "pruned": "v", "specialized": "o", "ensemble": "*", "control": "D", "oracle": "P"}
+
+
+def _scatter_rows(ax: Any, rows: list[dict], x_key: str, annotate: tuple[str, ...] = ()) -> None:
+    """Pooled loss against ``row[x_key]``, one marker per kind of row (rows without that value left out); rows of
+    the ``annotate`` kinds labelled with their mode."""
+    for kind, marker in MARKERS.items():
+        pts = [r for r in rows if r["kind"] == kind and r.get(x_key)]
+        if not pts:
+            continue
+        ax.scatter([r[x_key] for r in pts], [r["loss"]["pooled"] for r in pts], marker=marker, s=60, label=kind)
+        if kind in annotate:
+            for r in pts:
+                ax.annotate(r.get("mode") or kind, (r[x_key], r["loss"]["pooled"]), fontsize=7, xytext=(4, 2),
+                            textcoords="offset points")
 
 
 def _training_points(results: dict) -> dict[tuple[str, float], list[dict]]:

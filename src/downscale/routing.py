@@ -50,6 +50,20 @@ def bayes_log_weights(evidence: torch.Tensor, log_prior: torch.Tensor, temperatu
     return normalise_log_weights(log_prior.view(shape).to(evidence) + evidence / temperature, top_k)
 
 
+def causal_evidence(lp: torch.Tensor, columns: int, limit: int | None = None) -> torch.Tensor:
+    """Bayes evidence [n, B, columns] (float64) at each predicting position t from ``lp`` [n, B, m], each student's
+    log-probability of the next token (``lp[..., s] = log p_i(x_{s+1} | x_<=s)``): the sum over s < min(t, limit)
+    (the tokens x_1 .. x_min(t, limit) already seen; ``limit`` = router prefix - 1, None: no limit)."""
+    n, B, m = lp.shape
+    k = max(0, min(m, columns - 1, m if limit is None else limit))
+    ev = torch.zeros(n, B, columns, dtype=torch.float64, device=lp.device)
+    if k:
+        cum = lp[..., :k].double().cumsum(-1)
+        ev[..., 1:k + 1] = cum
+        ev[..., k + 1:] = cum[..., -1:]
+    return ev
+
+
 def mixture(logp: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
     """log sum_i w_i p_i: ``logp`` [n, ..., V] per-student log-probabilities, ``log_w`` [n, ...] -> [..., V]."""
     return torch.logsumexp(logp + log_w[..., None], dim=0)

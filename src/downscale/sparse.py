@@ -138,9 +138,7 @@ def score(ens, ids: torch.Tensor, full: bool = False) -> tuple[torch.Tensor, tor
         mask = torch.ones(B, cols, dtype=torch.long, device=dev)
         log_w = cluster_router(ens, P).log_weights(ids[:, :cols], mask, positions[:, :cols], start=0).double()
     else:
-        evidence = torch.zeros(n, B, cols, dtype=torch.float64, device=dev)
-        if cols > 1:  # the weight at column t has seen x_1 .. x_t: the prefix's log-probs of columns < t
-            evidence[:, :, 1:] = lp_a[:, :, :cols - 1].double().cumsum(-1)
+        evidence = routing.causal_evidence(lp_a, cols)  # the weight at column t has seen x_1 .. x_t
         log_w = routing.bayes_log_weights(evidence, _log_prior(ens, dev), ens.router_temperature)
     m = min(c, T - 1)
     if m:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from downscale._io import write_json_atomic
-from downscale.errors import EXIT_PREEMPTED, Preempted  # noqa: F401 (EXIT_PREEMPTED: part of this module's API)
+from downscale.errors import Preempted
 from downscale.pipeline import TRAIN_MONITORING
 
 CKPT_PREFIX = "step-"
@@ -513,7 +513,7 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
                 bar.close()
                 raise Preempted(f"{desc}: {stop.received or 'a stop signal'} received: stopped after step {done} of "
                                 f"{cfg.max_steps} with its checkpoint in {ckpt_root}; run the same command again (or "
-                                f"requeue the job) to resume from it", stop.received or "SIGTERM")
+                                f"requeue the job) to resume from it")
     bar.close()
     seconds = time.time() - t0
     run_tokens = tokens - (resumed_from or 0) * tokens_per_step

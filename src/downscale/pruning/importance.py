@@ -185,6 +185,17 @@ class _Hooks:
             h.remove()
 
 
+def calibration_batches(blocks: np.ndarray, batch_size: int, device: torch.device, desc: str):
+    """Batches [b, T] of ``blocks`` as int64 tensors on ``device``, with a progress bar (off with
+    DOWNSCALE_NO_PROGRESS=1): the one pass over calibration text that scoring and the Gram matrices share."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(0, len(blocks), batch_size), desc=desc, unit="batch", file=sys.stderr, leave=False,
+               disable=os.environ.get("DOWNSCALE_NO_PROGRESS") == "1")
+    for start in bar:
+        yield torch.as_tensor(np.asarray(blocks[start:start + batch_size], dtype=np.int64), device=device)
+
+
 def calibration_scores(model, blocks: np.ndarray, method: str, batch_size: int, device: torch.device,
                        amp: torch.dtype | None = None, desc: str = "calibration", seed: int = 0) -> Scores:
     """Scores from one pass over calibration ``blocks`` [N, T] (token ids) in batches.
@@ -193,8 +204,6 @@ def calibration_scores(model, blocks: np.ndarray, method: str, batch_size: int, 
     norm statistics; random draws its scores from ``seed``); ``taylor`` also runs backward and reduces each
     gradient to unit scores as it lands. Every method returns ``norm_ms``.
     """
-    from tqdm.auto import tqdm
-
     from downscale.models import autocast
 
     if method not in METHODS:
@@ -222,10 +231,7 @@ def calibration_scores(model, blocks: np.ndarray, method: str, batch_size: int, 
             grad_hooks.append(p.register_post_accumulate_grad_hook(on_grad))
     tokens = 0
     try:
-        bar = tqdm(range(0, len(blocks), batch_size), desc=desc, unit="batch", file=sys.stderr, leave=False,
-                   disable=os.environ.get("DOWNSCALE_NO_PROGRESS") == "1")
-        for start in bar:
-            x = torch.as_tensor(np.asarray(blocks[start:start + batch_size], dtype=np.int64), device=device)
+        for x in calibration_batches(blocks, batch_size, device, desc):
             tokens += x.numel()
             if taylor is None:
                 # the decoder only: the LM head's [B, T, V] logits are not needed for any score

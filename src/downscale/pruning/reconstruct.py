@@ -26,8 +26,6 @@ student; LLaMA-3-8B: 28 GB per student, held on the model's device).
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,9 +52,8 @@ def collect_grams(model, blocks: np.ndarray, batch_size: int, device: torch.devi
                   desc: str = "gram matrices") -> Grams:
     """One forward pass of the decoder over ``blocks`` [N, T] with hooks that sum ``x x^T`` of every
     ``down_proj`` and ``o_proj`` input (float32, on the model's device)."""
-    from tqdm.auto import tqdm
-
     from downscale.models import autocast
+    from downscale.pruning.importance import calibration_batches
 
     layers = decoder_layers(model)
     c = model.config
@@ -78,10 +75,7 @@ def collect_grams(model, blocks: np.ndarray, batch_size: int, device: torch.devi
     was_training, tokens = model.training, 0
     model.eval()
     try:
-        bar = tqdm(range(0, len(blocks), batch_size), desc=desc, unit="batch", file=sys.stderr, leave=False,
-                   disable=os.environ.get("DOWNSCALE_NO_PROGRESS") == "1")
-        for start in bar:
-            x = torch.as_tensor(np.asarray(blocks[start:start + batch_size], dtype=np.int64), device=device)
+        for x in calibration_batches(blocks, batch_size, device, desc):
             tokens += x.numel()
             with autocast(device, amp):
                 model.get_decoder()(input_ids=x, use_cache=False)

@@ -380,10 +380,10 @@ def _baselines(ctx, base, cal: dict, chosen, policy_shape, val_losses, c, i: int
     out: dict = {}
     norm_ms = cal["scores"].norm_ms if c.norm_rescale else None
 
-    def cut(scores, shape):  # what the stage does to the real student, with other scores or another shape
+    def cut(scores, shape, refit: bool = True):  # what the stage does to the student, with other scores or shape
         keep = select_units(scores, base.config, shape)
         model = extract_student(base, shape, keep, norm_ms, share=True)
-        if cal["grams"] is not None:
+        if refit and cal["grams"] is not None:
             refit_student(model, base, keep, cal["grams"], c.reconstruct_damp)
         return model
 
@@ -399,8 +399,7 @@ def _baselines(ctx, base, cal: dict, chosen, policy_shape, val_losses, c, i: int
                              "note": "the split policy's shape (what compress chose before the search)"}
         del model
     if c.reconstruct:  # what the refit buys: the same student without it
-        keep = select_units(cal["scores"], base.config, chosen)
-        model = extract_student(base, chosen, keep, norm_ms, share=True)
+        model = cut(cal["scores"], chosen, refit=False)
         out["without_reconstruct"] = {"shape": chosen.as_dict(), "one_shot": True, "val_loss": val_losses(model),
                                       "note": "the chosen student cut from the same scores, not refit"}
         del model

@@ -319,6 +319,7 @@ def _router_scores(ens, ids: torch.Tensor, lp: torch.Tensor, modes: list[str]) -
     [n, B, T-1], before any top-k: Bayes, log prior + evidence of the tokens seen (up to the router's prefix);
     cluster, minus the scaled distances of the text seen (normalised over all n students, which a subset's
     renormalisation undoes)."""
+    from downscale.routing import causal_evidence
     from downscale.sparse import cluster_router
 
     n, B, T1 = lp.shape
@@ -331,11 +332,7 @@ def _router_scores(ens, ids: torch.Tensor, lp: torch.Tensor, modes: list[str]) -
             pos = torch.arange(T1, device=ids.device)[None].expand(B, T1)
             out[mode] = cr.log_weights(ids[:, :T1], mask, pos, start=0).double()
             continue
-        limit = T1 if prefix is None else max(0, prefix - 1)  # tokens x_1 .. x_limit are evidence
-        seen = lp.double().clone()
-        seen[:, :, limit:] = 0
-        evidence = torch.zeros(n, B, T1, dtype=torch.float64, device=lp.device)
-        evidence[:, :, 1:] = seen[:, :, :-1].cumsum(-1)  # the weight at t has seen x_1 .. x_t
+        evidence = causal_evidence(lp, T1, None if prefix is None else prefix - 1)
         log_prior = torch.tensor(ens.prior or [1.0 / n] * n, dtype=torch.float64).log().to(lp.device)
         out[mode] = log_prior[:, None, None] + evidence / ens.router_temperature
     return out
