@@ -31,8 +31,15 @@ decoders) and (c') TRL with ``torch_compile=True`` (the Trainer compiles the stu
 the untimed warm-up round.
 Goals (issue 6): ours / hand loop >= 1.0, ours / TRL >= 1.5, cache / online per epoch >= 2.0.
 
+MFU (issue 18): each method's FLOP/s (6 N_student + 2 N_teacher per token, LM heads included, plus attention in
+full, PaLM's convention) over the matmul peak measured in the same process (square torch.matmul, 2048 and 4096, fp32
+and bf16). ``--shape real`` times SmolLM2-135M's shape as the teacher (hidden 576, 30 layers, 9/3 heads, MLP 1536,
+vocab 49,152) and the 0.6 student compress cuts from it (hidden 456, MLP 1032, 6/3 heads), random weights. Goals at
+that shape: bf16 >= 40% of the bf16 peak and >= 1.5x TRL under the same autocast; fp32 >= 55% of the fp32 peak.
+
     .venv/bin/python benchmarks/bench_specialize.py [--quick] [--threads 2] [--rounds 3] [--steps 3]
-        [--allocator tuned|default|both] [--precision fp32|bf16] [--vocab 8192] [--no-cache] [--compile]
+        [--allocator tuned|default|both] [--precision fp32|bf16] [--shape demo|real] [--vocab 8192] [--no-cache]
+        [--compile]
         [--json FILE]
 
 Absolute tokens/s on a shared 2-core CPU are noise (+-10-15% run to run); only ratios measured side by side in
@@ -56,15 +63,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 GOALS = {"ours/hand": 1.0, "ours/trl": 1.5, "cache/online": 2.0}
+MFU_GOALS = {"bf16": 0.40, "fp32": 0.55}  # issue 18, at --shape real: the step's FLOP/s over the measured matmul peak
 TRL_MISSING = "TRL not installed: pip install -e .[bench]"
 
 
 # --------------------------------------------------------------------------- set-up
 
 
+# The real-model shape (issue 18): SmolLM2-135M as the teacher and the 0.6 student the compress stage cuts from it,
+# as (hidden, layers, intermediate, heads, kv heads, head_dim); vocabulary 49,152. Random weights: only time counts.
+REAL_TEACHER = (576, 30, 1536, 9, 3, 64)
+REAL_STUDENT = (456, 30, 1032, 6, 3, 64)
+
+
 def sizes(args: argparse.Namespace) -> dict:
     if args.quick:
         sz = dict(vocab=2048, block=128, batch=4, teacher=(128, 2), student=(96, 2), big_teacher=None, blocks=16)
+    elif getattr(args, "shape", "demo") == "real":
+        sz = dict(vocab=49152, block=256, batch=8, teacher=REAL_TEACHER, student=REAL_STUDENT, big_teacher=None,
+                  blocks=32)
     else:
         sz = dict(vocab=8192, block=256, batch=8, teacher=(256, 4), student=(192, 4), big_teacher=(512, 8), blocks=32)
     return {**sz, **{k: getattr(args, k) for k in ("vocab", "block", "batch") if getattr(args, k)}}
@@ -76,20 +93,71 @@ def amp_dtype(precision: str):
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def llama(hidden: int, layers: int, vocab: int, block: int, seed: int):
+def llama(hidden: int, layers: int, vocab: int, block: int, seed: int, intermediate: int | None = None,
+          heads: int | None = None, kv_heads: int | None = None, head_dim: int = 32):
+    """A LLaMA of this shape (defaults: MLP 2.75 x hidden, heads of 32, two query heads per KV head), tied embeddings.
+    Built through a plain hidden size divisible by the heads, then given the real ``hidden`` (a pruned student's
+    hidden size need not divide by its heads; its ``head_dim`` is explicit)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
-                               num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
-                               num_key_value_heads=max(1, hidden // 64), head_dim=32, max_position_embeddings=block,
-                               tie_word_embeddings=True, use_cache=False)
+    heads = heads or max(1, hidden // 32)
+    cfg = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=heads * head_dim,
+                               intermediate_size=intermediate or int(hidden * 2.75),
+                               num_hidden_layers=layers, num_attention_heads=heads,
+                               num_key_value_heads=kv_heads or max(1, hidden // 64), head_dim=head_dim,
+                               max_position_embeddings=block, tie_word_embeddings=True, use_cache=False)
+    cfg.hidden_size = hidden
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
 
 
+def model_of(shape: tuple, vocab: int, block: int, seed: int):
+    """``shape``: (hidden, layers) or (hidden, layers, intermediate, heads, kv heads, head_dim)."""
+    hidden, layers, *rest = shape
+    extra = dict(zip(("intermediate", "heads", "kv_heads", "head_dim"), rest, strict=False))
+    return llama(hidden, layers, vocab, block, seed, **extra)
+
+
 def n_params(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def matmul_flops(model) -> int:
+    """Weights that multiply per token: every parameter but an untied input embedding (a tied one is the head)."""
+    cfg = model.config
+    untied = 0 if getattr(cfg, "tie_word_embeddings", False) else cfg.vocab_size * cfg.hidden_size
+    return n_params(model) - untied
+
+
+def step_flops(student, teacher, batch: int, block: int) -> int:
+    """FLOPs of one distillation step, PaLM's convention (attention counted in full, not halved for causality):
+    per token 6 N_student + 12 L H hd T for the student (forward + backward), 2 N_teacher + 4 L H hd T for the
+    teacher's forward, LM heads included in N."""
+    def attn(m) -> int:
+        c = m.config
+        hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return c.num_hidden_layers * c.num_attention_heads * hd * block
+
+    per_token = 6 * matmul_flops(student) + 12 * attn(student) + 2 * matmul_flops(teacher) + 4 * attn(teacher)
+    return per_token * batch * block
+
+
+def matmul_peak(dtype, sizes: tuple[int, ...] = (2048, 4096), reps: int = 3) -> float:
+    """The practical matmul peak in FLOP/s: square torch.matmul in ``dtype`` at these sizes, the best median."""
+    import torch
+
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.matmul(a, b)  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2 * n**3 / statistics.median(times))
+    return best
 
 
 def frozen(model):
@@ -309,9 +377,9 @@ def child(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     blocks = rng.integers(0, vocab, (max(sz["blocks"], batch * (args.warmup + args.steps + 1)), block),
                           dtype=np.int64)
-    teacher = frozen(llama(*sz["teacher"], vocab, block, seed=1))
+    teacher = frozen(model_of(sz["teacher"], vocab, block, seed=1))
     methods = ("ours", "hand", "trl") + (("ours+compile", "trl+compile") if args.compile else ())
-    students = {m: llama(*sz["student"], vocab, block, seed=2) for m in methods}
+    students = {m: model_of(sz["student"], vocab, block, seed=2) for m in methods}
     gkd = import_gkd()
     tokenizer = tiny_tokenizer(vocab) if gkd else None
     if gkd is None:
@@ -348,7 +416,10 @@ def child(args: argparse.Namespace) -> dict:
                 d = step_durations(runners[name](), args.warmup, args.steps)
                 per_round[name].append(tok_step * len(d) / sum(d))
             say(f"  round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {v[-1]:.0f} tok/s" for m, v in per_round.items()))
-        result = {"allocator": args.child, "tuned": tuned, "precision": args.precision,
+        peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+        say("  matmul peak (square, 2048-4096): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
+        result = {"allocator": args.child, "tuned": tuned, "precision": args.precision, "shape": args.shape,
+                  "peak_flops": peaks, "step_flops": step_flops(students["ours"], teacher, batch, block),
                   "threads": torch.get_num_threads(), "sizes": sz,
                   "params": {"teacher": n_params(teacher), "student": n_params(students["ours"])},
                   "tokens_per_step": tok_step, "rounds": args.rounds, "timed_steps": args.steps,
@@ -369,7 +440,7 @@ def cache_vs_online(teacher_shape, sz: dict, blocks, args: argparse.Namespace, r
     from downscale.teacher_cache import TeacherCache, build_teacher_cache
 
     vocab, block, batch = sz["vocab"], sz["block"], sz["batch"]
-    teacher = frozen(llama(*teacher_shape, vocab, block, seed=3))
+    teacher = frozen(model_of(teacher_shape, vocab, block, seed=3))
     epoch_steps = len(blocks) // batch
     path = root / f"cache-{teacher_shape[0]}x{teacher_shape[1]}"
     t0 = time.perf_counter()
@@ -378,7 +449,7 @@ def cache_vs_online(teacher_shape, sz: dict, blocks, args: argparse.Namespace, r
                         amp_dtype=amp, progress=False)
     build_s = time.perf_counter() - t0
     cache = TeacherCache.open(path)
-    student = llama(*sz["student"], vocab, block, seed=2)
+    student = model_of(sz["student"], vocab, block, seed=2)
     steps = 1 + epoch_steps + 1  # a warm-up step, the epoch, and the step holding fit's final checkpoint
     runs = {"online": lambda: run_ours(student, teacher, blocks, batch, steps, root, amp),
             "cache": lambda: run_ours(student, teacher, blocks, batch, steps, root, amp, cache=cache)}
@@ -418,16 +489,31 @@ def report(res: dict) -> dict:
           f"teacher {res['params']['teacher']:,} / student {res['params']['student']:,} params, "
           f"{res['tokens_per_step']} tokens per step; median of {res['rounds']} interleaved rounds of "
           f"{res['timed_steps']} timed steps after {res['warmup_steps']} warm-up)")
-    print(f"{'method':<46}{'tok/s':>9}{'ms/step':>10}   per round tok/s")
+    peak = res["peak_flops"][res["precision"]]
+    print(f"FLOPs per step {res['step_flops'] / 1e12:.2f} T (6 N_s + 2 N_t + attention, heads included); measured "
+          f"{res['precision']} matmul peak {peak / 1e9:.0f} GFLOP/s (fp32 {res['peak_flops']['fp32'] / 1e9:.0f}, "
+          f"bf16 {res['peak_flops']['bf16'] / 1e9:.0f})")
+    print(f"{'method':<46}{'tok/s':>9}{'ms/step':>10}{'GFLOP/s':>9}{'MFU':>7}   per round tok/s")
+    mfu = {}
     for m, v in tps.items():
         rounds = " ".join(f"{x:.0f}" for x in res["per_round"][m])
-        print(f"{label[m]:<46}{v:>9.0f}{1e3 * res['tokens_per_step'] / v:>10.0f}   {rounds}")
+        flops = res["step_flops"] * v / res["tokens_per_step"]
+        mfu[m] = flops / peak
+        print(f"{label[m]:<46}{v:>9.0f}{1e3 * res['tokens_per_step'] / v:>10.0f}{flops / 1e9:>9.0f}{mfu[m]:>7.0%}"
+              f"   {rounds}")
     if not res["trl"]:
         print(f"(c) {TRL_MISSING}")
-    ratios = {"ours/hand": tps["ours"] / tps["hand"], "ours/trl": tps["ours"] / tps["trl"] if "trl" in tps else None}
+    ratios = {"ours/hand": tps["ours"] / tps["hand"], "ours/trl": tps["ours"] / tps["trl"] if "trl" in tps else None,
+              "mfu": mfu}
     for k in ("ours/hand", "ours/trl"):
         v = ratios[k]
         print(f"ratio {k:<10} = {f'{v:.2f}x' if v is not None else '-':>7}   {verdict(v, GOALS[k])}")
+    mfu_goal = MFU_GOALS.get(res["precision"])
+    if mfu_goal is not None:
+        met = mfu["ours"] >= mfu_goal
+        where = "" if res.get("shape") == "real" else " (the goal is set at --shape real)"
+        print(f"MFU of ours = {mfu['ours']:.0%} of the measured {res['precision']} peak   "
+              f"{'MET' if met else 'MISSED'} (goal >= {mfu_goal:.0%}){where}")
     if "ours+compile" in tps:
         extra = {"ours+compile/ours": tps["ours+compile"] / tps["ours"],
                  "ours+compile/trl": tps["ours+compile"] / tps["trl"] if "trl" in tps else None,
@@ -461,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="glibc allocator settings to run, each in its own process (default: tuned, as the stage)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="fp32, or bf16 autocast for all three methods (TRL: bf16=True)")
+    ap.add_argument("--shape", choices=("demo", "real"), default="demo",
+                    help="demo: small LLaMAs (teacher 256 x 4, student 192 x 4, vocab 8192); real: SmolLM2-135M's "
+                         "shape as the teacher and the 0.6 student compress cuts from it (vocab 49,152)")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary (default 8192; 2048 with --quick)")
     ap.add_argument("--batch", type=int, default=None, help="blocks per step (default 8; 4 with --quick)")
     ap.add_argument("--block", type=int, default=None, help="tokens per block (default 256; 128 with --quick)")
@@ -484,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--child", alloc, "--rounds", str(args.rounds), "--steps", str(args.steps),
                "--warmup", str(args.warmup)]
         cmd += (["--quick"] if args.quick else []) + (["--threads", str(args.threads)] if args.threads else [])
-        cmd += ["--precision", args.precision] + [f"--{k}={getattr(args, k)}" for k in ("vocab", "batch", "block")
+        cmd += ["--precision", args.precision, "--shape", args.shape] + [f"--{k}={getattr(args, k)}" for k in ("vocab", "batch", "block")
                                                   if getattr(args, k)]
         cmd += [] if (args.cache and alloc == allocators[0]) else ["--no-cache"]
         cmd += ["--compile"] if args.compile else []

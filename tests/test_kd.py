@@ -406,12 +406,14 @@ def test_fp16_gradients_survive_loss_scaling():
 
 
 def test_default_chunk_is_larger_on_a_gpu() -> None:
-    """~32 MiB per [chunk, V] fp32 temporary on a CPU, 8x that on CUDA (launch-bound otherwise); an explicit
-    chunk always wins; never below 16 tokens."""
+    """The measured table: ~96 MiB per [chunk, V] fp32 temporary on a CPU (fp32 and bf16), in a multiple of 256
+    tokens (64 below that), 256 MiB on CUDA (launch-bound otherwise); an explicit chunk always wins; never below 16."""
     from downscale.kd import auto_chunk_tokens
 
-    assert auto_chunk_tokens(128256) == 65 and auto_chunk_tokens(128256, device="cpu") == 65
+    assert auto_chunk_tokens(128256) == 192 and auto_chunk_tokens(128256, device="cpu") == 192
+    assert auto_chunk_tokens(49152) == 512 == auto_chunk_tokens(49152, dtype=torch.bfloat16)
     assert auto_chunk_tokens(128256, device=torch.device("cuda")) == 523
-    assert auto_chunk_tokens(8192, device="cuda") == 8192 and auto_chunk_tokens(8192) == 1024
+    assert auto_chunk_tokens(128256, device="cuda", dtype=torch.bfloat16) == 523
+    assert auto_chunk_tokens(8192, device="cuda") == 8192 and auto_chunk_tokens(8192) == 3072
     assert auto_chunk_tokens(128256, 100, device="cuda") == 100
     assert auto_chunk_tokens(10**9) == 16

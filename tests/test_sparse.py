@@ -148,6 +148,24 @@ def test_left_padded_generation_equals_each_prompt_alone():
     assert torch.equal(out[1, 8:], ens.generate(b[None], max_new_tokens=5, eos_token_id=None)[0, 5:])
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_fast_path_generation_equals_the_students_one_by_one(top_k):
+    """Sparse generation on the stacked fast path (the prompt read stacked, each chosen student decoding as a stack
+    of one) gives the tokens and the counts of the students' own forwards, left-padded rows included."""
+    students = _students()
+    ids, mask = _ids(B=3, T=9, seed=30), torch.ones(3, 9, dtype=torch.long)
+    ids[1, :4], mask[1, :4] = 0, 0
+    out, counts = {}, {}
+    for fast in (True, False):
+        ens = EnsembleModel(students, mode="sparse", prior=PRIOR, sparse_top_k=top_k, fast=fast)
+        assert ens.uses_fast_path == fast
+        out[fast] = ens.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
+        counts[fast] = ens.sparse_stats.as_dict()
+    assert torch.equal(out[True], out[False])
+    assert counts[True] == counts[False]
+    assert sorted(counts[True]["sequences_routed"]) != [0, 0, 0] and sum(counts[True]["sequences_routed"]) == 3 * top_k
+
+
 class _WordTokenizer:
     """decode() gives one word per id, enough for the cluster router."""
 

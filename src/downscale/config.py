@@ -361,8 +361,9 @@ class SpecializeConfig(_Section):
         "float16", description="teacher=cache: storage of the log-probs (fp16 KD error ~1e-6 relative, measured)."
     )
     kd_chunk_tokens: int | None = Field(
-        None, ge=1, description="Tokens per chunk of the fused loss; null: ~32 MiB per [chunk, vocab] fp32 temporary "
-                                "(256 MiB on CUDA, where small chunks leave the GPU waiting on kernel launches)."
+        None, ge=1, description="Tokens per chunk of the fused loss; null: the measured default per device and "
+                                "dtype, ~96 MiB per [chunk, vocab] fp32 temporary on a CPU in a multiple of 256 "
+                                "tokens (512 at a 49k vocabulary), 256 MiB on CUDA (kd.AUTO_CHUNK_BYTES)."
     )
     cache_dir: str | None = Field(
         None, description="teacher=cache: folder of the per-shard teacher caches; default <run>/work/teacher_cache."

@@ -198,22 +198,33 @@ def _divergence(logq: torch.Tensor, logp: torch.Tensor, kind: str, beta: float, 
 
 # --------------------------------------------------------------------------- the fused loss
 
-AUTO_CHUNK_ELEMENTS = 2**23  # 32 MiB per [chunk, V] fp32 temporary
-# On a GPU, 8x larger chunks (256 MiB per temporary, ~520 tokens at V = 128,256): a 65-token chunk's matmuls take
-# ~50 us on an H100, no longer than the CPU needs to launch the chunk's dozen kernels, so small chunks would leave
-# the GPU waiting on Python; a few such temporaries are still a small fraction of the [tokens, V] logits.
-AUTO_CHUNK_ELEMENTS_CUDA = 8 * AUTO_CHUNK_ELEMENTS
+# The default chunk of the fused loss, by device and head-matmul dtype: elements of one [chunk, V] fp32 temporary
+# (a few live at once), measured (benchmarks/bench_kd_chunks.py, BENCHMARKS.md "KD loss chunk size"). On a 2-core
+# CPU at SmolLM2's shape (V = 49,152, 2,040 tokens, student hidden 456), forward + backward was fastest at 512-1024
+# tokens per chunk in fp32 and in bf16 (1.26x and 1.15x faster than the former 32 MiB chunk of 170 tokens): short
+# chunks make the [V, C] x [C, H] head-gradient product bound by writing its [V, H] output, and the fp32
+# accumulator gets one upcast [V, H] add per chunk. Chunks of a multiple of 256 tokens ran faster than their
+# neighbours (640 and 682 were 1.1-1.2x slower than 512 and 768). On a GPU, 256 MiB (~520 tokens at V = 128,256):
+# a 65-token chunk's matmuls take ~50 us on an H100, no longer than launching the chunk's dozen kernels.
+AUTO_CHUNK_BYTES = {("cpu", torch.float32): 96 * 2**20, ("cpu", torch.bfloat16): 96 * 2**20,
+                    ("cpu", torch.float16): 96 * 2**20, ("cuda", None): 256 * 2**20}
 
 
-def auto_chunk_tokens(vocab_size: int, chunk_tokens: int | None = None, device: Any = None) -> int:
-    """``chunk_tokens`` if given, else the default chunk of ``distill_loss`` for a vocabulary: about 32 MiB
-    per [chunk, V] fp32 temporary (1024 tokens at V = 8192, 65 at V = 128,256), 256 MiB on a CUDA ``device``
-    (523 tokens at V = 128,256), at least 16."""
+def auto_chunk_tokens(vocab_size: int, chunk_tokens: int | None = None, device: Any = None,
+                      dtype: torch.dtype | None = None) -> int:
+    """``chunk_tokens`` if given, else the default chunk of ``distill_loss``: ``AUTO_CHUNK_BYTES`` of the device
+    (None: CPU) and head-matmul ``dtype`` (None: fp32) per [chunk, V] fp32 temporary, in tokens, rounded down to a
+    multiple of 256 tokens when there are at least 256 (512 at V = 49,152 on a CPU; 192 at V = 128,256; 523 at
+    V = 128,256 on CUDA, not rounded there), at least 16."""
     if chunk_tokens is not None:
         return int(chunk_tokens)
-    cuda = device is not None and torch.device(device).type == "cuda"
-    return max(16, (AUTO_CHUNK_ELEMENTS_CUDA if cuda else AUTO_CHUNK_ELEMENTS) // max(1, int(vocab_size)))
-
+    kind = torch.device(device).type if device is not None else "cpu"
+    if kind == "cuda":
+        return max(16, AUTO_CHUNK_BYTES[("cuda", None)] // (4 * max(1, int(vocab_size))))
+    budget = AUTO_CHUNK_BYTES.get((kind, dtype or torch.float32), AUTO_CHUNK_BYTES[("cpu", torch.float32)])
+    tokens = budget // (4 * max(1, int(vocab_size)))
+    step = 256 if tokens >= 256 else 64 if tokens >= 64 else 16
+    return max(16, tokens // step * step)
 
 
 @dataclass
@@ -452,7 +463,7 @@ def distill_loss(student_hidden: torch.Tensor, student_head_weight: torch.Tensor
         temperature: T > 0, applied to both models' logits for KD (CE stays at T = 1); KD is scaled by T^2.
         beta: jsd interpolation, strictly in (0, 1).  alpha: skew_kl mixing weight, strictly in (0, 1).
         chunk_tokens: tokens per chunk; a few [chunk_tokens, V] fp32 temporaries are alive at once.
-            None: ``auto_chunk_tokens(V)``.
+            None: ``auto_chunk_tokens(V, device=..., dtype=<the head-matmul dtype>)``.
         matmul_dtype: dtype of the head matmuls; None: the autocast dtype under autocast, else fp32 if hidden
             and weight are fp32, else the lower precision of the two.
 
@@ -470,7 +481,8 @@ def distill_loss(student_hidden: torch.Tensor, student_head_weight: torch.Tensor
     if student_head_weight.shape[1] != student_hidden.shape[1] or labels.shape[0] != n_rows:
         raise ValueError(f"distill_loss: shapes do not match: hidden {tuple(student_hidden.shape)}, head weight "
                          f"{tuple(student_head_weight.shape)}, labels {tuple(labels.shape)}")
-    chunk_tokens = auto_chunk_tokens(vocab, chunk_tokens, student_hidden.device)
+    mm = _mm_dtype(student_hidden.dtype, student_head_weight.dtype, matmul_dtype, student_hidden.device)
+    chunk_tokens = auto_chunk_tokens(vocab, chunk_tokens, student_hidden.device, mm)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1; got {chunk_tokens}")
     if teacher is None and kd_ratio > 0:

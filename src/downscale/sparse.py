@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from downscale import routing
+from downscale.fastpath import StackedKV, StackedStudents
 from downscale.models import nll_chunk_tokens, split_head
 
 
@@ -191,65 +192,142 @@ def forward_logprobs(ens, ids: torch.Tensor, mask: torch.Tensor | None) -> torch
     return out
 
 
+class _Decoder:
+    """One chosen student decoding its rows: through the fast path as a stack of one (its weights are views of the
+    ensemble's stack; a lean decode step) when the ensemble has one, else through its own Hugging Face forward."""
+
+    def __init__(self, student, stack: StackedStudents | None, cache: Any):
+        self.student, self.stack, self.cache = student, stack, cache
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, padded: bool):
+        """Read ``ids`` [R, q] after the cache (``mask`` [R, past + q] when the batch has padding); returns a
+        function t0, t1 -> fp32 logits [R, t1 - t0, V] of those new positions."""
+        if self.stack is None:
+            logits_of, self.cache = _run(self.student, ids, positions, mask if padded else None, self.cache)
+            return logits_of
+        if self.cache is None:
+            self.cache = StackedKV(len(self.stack.layers))
+        h = self.stack.hidden(ids, positions, _stacked_mask(mask, ids.shape[1]) if padded else None, self.cache)
+        R = ids.shape[0]
+        return lambda t0, t1: self.stack.logits(h[:, :, t0:t1].reshape(1, R * (t1 - t0), -1)).view(R, t1 - t0, -1
+                                                                                                   ).float()
+
+
+def _stacked_mask(mask: torch.Tensor, q: int) -> torch.Tensor:
+    """The fast path's boolean attention mask [B, 1, q, S] for ``q`` new tokens after S - q past ones, from a
+    padding mask [B, S] (1 = real): causal and real keys only; a fully masked row (padding) may see everything
+    (any finite output; it is never read)."""
+    S = mask.shape[1]
+    k_idx = torch.arange(S, device=mask.device)
+    attn = k_idx[None, :] <= (S - q + torch.arange(q, device=mask.device))[:, None]  # [q, S]
+    attn = attn[None, None] & mask[:, None, None, :].bool()
+    return attn | ~attn.any(-1, keepdim=True)
+
+
+def _bayes_prompt_fast(ens, stack: StackedStudents, ids: torch.Tensor, positions: torch.Tensor,
+                       mask: torch.Tensor, padded: bool) -> tuple[torch.Tensor, torch.Tensor, StackedKV]:
+    """Every student reads the prompt as one stacked computation: (the evidence log p_i(prompt) [n, B] float64
+    over real tokens predicted from real ones, each student's last logits [n, B, V] fp32, the stacked cache)."""
+    n, (B, T), V = ens.n, ids.shape, ens.vocab_size
+    kv = StackedKV(len(stack.layers))
+    h = stack.hidden(ids, positions, _stacked_mask(mask, T) if padded else None, kv)  # [n, B, T, d]
+    evidence = torch.zeros(n, B, dtype=torch.float64, device=ids.device)
+    seen = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)  # a real token predicted from a real one
+    step = max(1, nll_chunk_tokens(V) // max(1, n * B))
+    for t0 in range(0, T - 1, step):
+        t1 = min(T - 1, t0 + step)
+        z = stack.logits(h[:, :, t0:t1].reshape(n, B * (t1 - t0), -1)).view(n, B, t1 - t0, V).float()
+        lp = z.gather(-1, ids[None, :, t0 + 1:t1 + 1, None].expand(n, B, t1 - t0, 1)).squeeze(-1)
+        lp = lp - torch.logsumexp(z, dim=-1)
+        evidence += torch.where(seen[None, :, t0:t1], lp, torch.zeros_like(lp)).double().sum(-1)
+    last = stack.logits(h[:, :, T - 1].contiguous()).float()  # [n, B, V]
+    return evidence, last, kv
+
+
 @torch.no_grad()
 def generate(ens, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, pick, eos: list[int],
              pad: int) -> torch.Tensor:
     """Decode with the sparse mode (see the module docs): route on the prompt ``input_ids`` [B, T] (left-padded
     with ``mask``), then only the chosen students decode from their own KV caches. ``pick(scores [B, V]) ->
-    [B]`` chooses each next token (greedy or sampling). Returns [B, T + new]."""
+    [B]`` chooses each next token (greedy or sampling). Returns [B, T + new].
+
+    On the fast path the prompt is read by the students stacked, and each chosen student decodes as a stack of
+    one (its weights are views, its cache its rows of the prompt's). With top-1 a row's scores are its student's
+    logits (the log-softmax, a shift per row, changes neither the argmax nor the sampling distribution)."""
     n, (B, T), V = ens.n, input_ids.shape, ens.vocab_size
     dev, k = input_ids.device, min(ens.sparse_top_k, ens.n)
     stats = ens.sparse_stats
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    attn = mask if bool((mask == 0).any()) else None
+    padded = bool((mask == 0).any())
     real = int(mask.sum())
     stats.positions += real
+    stack = ens._stacked() if ens.uses_fast_path else None
+    prompt_kv: StackedKV | None = None
     caches: list[Any] = [None] * n
-    pending: list[torch.Tensor | None] = [None] * n  # [R, V] log-probs of the next token, per chosen student
+    last: torch.Tensor | list[torch.Tensor] = []  # per student, its logits at the prompt's last position [B, V]
     if ens.router == "cluster":  # the prompt's text decides: no student runs for it
         log_w = cluster_router(ens, None).log_weights(input_ids, mask, positions, start=T - 1)[:, :, -1].double()
     else:  # every student scores the prompt; its posterior decides
-        evidence = torch.zeros(n, B, dtype=torch.float64, device=dev)
-        last = []
-        for i, student in enumerate(ens.students):
-            logits_of, caches[i] = _run(student, input_ids, positions, attn, None)
+        if stack is not None:
+            evidence, last, prompt_kv = _bayes_prompt_fast(ens, stack, input_ids, positions, mask, padded)
+        else:
+            evidence = torch.zeros(n, B, dtype=torch.float64, device=dev)
+            for i, student in enumerate(ens.students):
+                logits_of, caches[i] = _run(student, input_ids, positions, mask if padded else None, None)
+                if T > 1:
+                    lp = _target_logprobs(logits_of, input_ids[:, 1:], B, V)  # [B, T-1]
+                    seen = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)  # a real token predicted from a real one
+                    evidence[i] = torch.where(seen, lp, torch.zeros_like(lp)).double().sum(-1)
+                last.append(logits_of(T - 1, T)[:, 0])
+        for i in range(n):
             stats.student_positions[i] += real
-            if T > 1:
-                lp = _target_logprobs(logits_of, input_ids[:, 1:], B, V)  # [B, T-1]
-                seen = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)  # a real token predicted from a real one
-                evidence[i] = torch.where(seen, lp, torch.zeros_like(lp)).double().sum(-1)
-            last.append(torch.log_softmax(logits_of(T - 1, T)[:, 0], dim=-1))
         log_w = routing.bayes_log_weights(evidence, _log_prior(ens, dev), ens.router_temperature)
     decision = routing.normalise_log_weights(log_w, k).float()  # [n, B]
-    rows_of: list[torch.Tensor | None] = [None] * n
+    chosen: list[tuple[int, torch.Tensor, _Decoder]] = []  # (student, its rows, its decoder)
+    pending: list[torch.Tensor] = []  # per chosen student: its logits for the next token [R, V]
     for i, student in enumerate(ens.students):
         rows = torch.nonzero(torch.isfinite(decision[i])).flatten()
         if rows.numel() == 0:
-            caches[i] = None
             continue
-        rows_of[i] = rows
         stats.sequences[i] += int(rows.numel())
+        one = stack.select(i) if stack is not None else None
+        everyone = rows.numel() == B
         if ens.router == "cluster":
-            logits_of, caches[i] = _run(student, input_ids[rows], positions[rows],
-                                        None if attn is None else attn[rows], None)
+            dec = _Decoder(student, one, None)
+            logits_of = dec.run(input_ids if everyone else input_ids[rows], positions if everyone else positions[rows],
+                                mask if everyone else mask[rows], padded)
             stats.student_positions[i] += int(mask[rows].sum())
-            pending[i] = torch.log_softmax(logits_of(T - 1, T)[:, 0], dim=-1)
+            pending.append(logits_of(T - 1, T)[:, 0])
         else:
-            if rows.numel() < B:
-                caches[i].batch_select_indices(rows)
-            pending[i] = last[i][rows]
+            if stack is not None:
+                cache = prompt_kv.select(i, n, rows)
+            else:
+                cache = caches[i]
+                if not everyone:
+                    cache.batch_select_indices(rows)
+            dec = _Decoder(student, one, cache)
+            pending.append(last[i] if everyone else last[i][rows])
+        chosen.append((i, rows, dec))
+    del prompt_kv, caches, last
     ids, done = input_ids, torch.zeros(B, dtype=torch.bool, device=dev)
     pos = positions[:, -1]
+    single = k == 1 and len(chosen) == 1  # one student decodes every row: its logits are the scores
     for _step in range(max_new_tokens):
-        scores = torch.full((B, V), -math.inf, device=dev)
-        for i in range(n):
-            if rows_of[i] is not None:
-                rows = rows_of[i]
-                scores[rows] = torch.logaddexp(scores[rows], decision[i, rows][:, None] + pending[i])
+        if single:
+            scores = pending[0]
+        else:
+            scores = torch.full((B, V), -math.inf, device=dev)
+            for (i, rows, _), z in zip(chosen, pending, strict=True):
+                if k == 1:
+                    scores[rows] = z
+                else:
+                    lp = decision[i, rows][:, None] + torch.log_softmax(z, dim=-1)
+                    scores[rows] = torch.logaddexp(scores[rows], lp)
         nxt = pick(scores)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
+        if padded:
+            mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
         pos = pos + 1
         if eos:
             done |= torch.isin(nxt, torch.tensor(eos, device=dev))
@@ -258,14 +336,13 @@ def generate(ens, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: i
         if _step == max_new_tokens - 1:
             break
         stats.positions += B  # the new token goes in: the chosen students run on it
-        for i, student in enumerate(ens.students):
-            rows = rows_of[i]
-            if rows is None:
-                continue
-            logits_of, caches[i] = _run(student, nxt[rows, None], pos[rows, None],
-                                        None if attn is None else mask[rows], caches[i])
+        for c, (i, rows, dec) in enumerate(chosen):
+            everyone = rows.numel() == B
+            logits_of = dec.run(nxt[:, None] if everyone else nxt[rows, None],
+                                pos[:, None] if everyone else pos[rows, None],
+                                (mask if everyone else mask[rows]) if padded else None, padded)
             stats.student_positions[i] += int(rows.numel())
-            pending[i] = torch.log_softmax(logits_of(0, 1)[:, 0], dim=-1)
+            pending[c] = logits_of(0, 1)[:, 0]
     return ids
 
 

@@ -69,6 +69,8 @@ def run(ctx: StageContext, **_: object) -> dict:
                              f"(data.shard_by: cluster)")
 
     students = [models.load_causal_lm(f, dtype="float32", device=device).eval() for f in folders]
+    for s in students:  # scoring only: the Linear weights in the autocast dtype once (autocast's results exactly)
+        models.hold_in_compute_dtype(s, amp)
     ens = EnsembleModel(students, mode="prob_mean", fast=ccfg.fast_path)
     how = "stacked fast path" if ens.uses_fast_path else f"one by one: {ens.fallback_reason}"
     ctx.log(f"[combine] {n} students from {ccfg.source}/ ({how})")

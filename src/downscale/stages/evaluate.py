@@ -53,16 +53,20 @@ def run(ctx: StageContext) -> dict:
 
     ctx.log(f"[evaluate] scoring on {sum(len(b) for b in test.values())} test blocks of {meta['block_size']} tokens "
             f"from {len(shards)} shards")
+    # scoring only: the Linear weights held in the autocast dtype once (bit for bit autocast's results)
     base = models.load_causal_lm(run_dir / "base", dtype="float32", device=device)
+    models.hold_in_compute_dtype(base, amp)
     rows.append(ev.score_model("base", "base", base, ["base"]))
     base_params = models.count_params(base)
     del base
     for i in range(n):
         m = models.load_causal_lm(run_dir / "students" / str(i), dtype="float32", device=device)
+        models.hold_in_compute_dtype(m, amp)
         rows.append(ev.score_model(f"student {i} (pruned)", "pruned", m, [f"students/{i}"]))
     specialized = []
     for i in range(n):
         m = models.load_causal_lm(run_dir / "specialized" / str(i), dtype="float32", device=device)
+        models.hold_in_compute_dtype(m, amp)
         rows.append(ev.score_model(f"student {i} ({shards[i]})", "specialized", m, [f"specialized/{i}"]))
         specialized.append(m)
     rows.append(_oracle_row([r for r in rows if r["kind"] == "specialized"], shards))
