@@ -573,8 +573,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--child", alloc, "--rounds", str(args.rounds), "--steps", str(args.steps),
                "--warmup", str(args.warmup)]
         cmd += (["--quick"] if args.quick else []) + (["--threads", str(args.threads)] if args.threads else [])
-        cmd += ["--precision", args.precision, "--shape", args.shape] + [f"--{k}={getattr(args, k)}" for k in ("vocab", "batch", "block")
-                                                  if getattr(args, k)]
+        cmd += ["--precision", args.precision, "--shape", args.shape]
+        cmd += [f"--{k}={getattr(args, k)}" for k in ("vocab", "batch", "block") if getattr(args, k)]
         cmd += [] if (args.cache and alloc == allocators[0]) else ["--no-cache"]
         cmd += ["--compile"] if args.compile else []
         env = dict(os.environ)
