@@ -106,6 +106,15 @@ class ClusterConfig(_Section):
     fit_documents: int = Field(20000, ge=2, description="At most this many documents are used to fit the clusterer.")
 
 
+class NearDupConfig(_Section):
+    enabled: bool = Field(False, description="Drop near-duplicate documents across the corpus (MinHash + LSH over "
+                                             "word n-grams; the first of each group is kept), after the exact ones.")
+    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity of the n-gram sets at or "
+                                                          "above which a document is a near-duplicate.")
+    num_perm: int = Field(128, ge=8, le=1024, description="MinHash signature length (hash functions).")
+    ngram: int = Field(5, ge=1, le=32, description="Words per shingle.")
+
+
 class TokenizerConfig(_Section):
     kind: Literal["bpe", "base"] = Field("bpe", description="bpe: train a ByteLevel BPE; base: the base model's.")
     vocab_size: int = Field(8192, ge=260, description="Vocabulary size of the trained BPE.")
@@ -128,6 +137,7 @@ class DataConfig(_Section):
         None, ge=1, description="Token budget of each shard's val and test splits."
     )
     min_doc_chars: int = Field(16, ge=1, description="Documents shorter than this are dropped.")
+    near_dup: NearDupConfig = Field(default_factory=NearDupConfig)
     on_bad_utf8: Literal["skip", "fail"] = Field("skip", description="Non-UTF-8 input: skip and count, or fail.")
     doc_separator: str = Field(
         "auto", min_length=1, description="The token packed between documents (a token string of the vocabulary). "

@@ -90,6 +90,8 @@ def _data_keys(cfg: ExperimentConfig) -> Keys:
     content, exclude = ["run.seed", "data"], []
     if cfg.data.shard_by != "cluster":
         exclude.append("data.cluster")
+    if not cfg.data.near_dup.enabled:  # off: its settings change nothing (and runs made before it keep their hash)
+        exclude.append("data.near_dup")
     if cfg.data.tokenizer.kind == "base":  # the tokenizer (and its separator token) come from the base
         content += ["base.name_or_path", "base.revision", "base.gguf_file", "base.trust_remote_code"]
         exclude += ["data.tokenizer.vocab_size", "data.tokenizer.min_frequency", "data.tokenizer.train_chars"]

@@ -3,7 +3,8 @@
 Writes ``<run>/data/`` (layout in ``downscale.data.blocks``) and ``<run>/tokenizer/``:
 
 1. Read each source (``downscale.data.sources``; the builtin corpus in ``downscale.data.builtin``),
-   decode, drop documents under ``data.min_doc_chars``, and drop exact duplicates across the corpus.
+   decode, drop documents under ``data.min_doc_chars``, and drop exact duplicates across the corpus, then
+   near-duplicates when ``data.near_dup.enabled`` (MinHash + LSH, ``downscale.data.neardup``).
 2. Shard: one shard per source (``shard_by: source``; the source name is the shard name), or
    ``shard_by: cluster``: every document into ``cluster.k`` shards ``cluster0..`` by tf-idf -> SVD ->
    k-means fitted on (at most ``cluster.fit_documents``) training documents; the clusterer is saved
@@ -27,7 +28,7 @@ import time
 import numpy as np
 
 from downscale._io import write_json_atomic
-from downscale.data import packing
+from downscale.data import neardup, packing
 from downscale.data.blocks import SPLITS
 from downscale.data.sources import Document, SourceReport, dedupe, read_source
 from downscale.pipeline import StageContext, StageError
@@ -59,6 +60,15 @@ def run(ctx: StageContext) -> dict:
                 f"in {time.perf_counter() - t_src:.1f}s; skipped {dict(report.skipped) or 'none'}")
     per_source = dedupe(per_source, reports)
     times["read"] = time.perf_counter() - t
+    if dcfg.near_dup.enabled:
+        t = time.perf_counter()
+        nd = dcfg.near_dup
+        per_source = neardup.near_dedupe(per_source, reports, nd.threshold, nd.num_perm, nd.ngram, seed=seed)
+        times["near_dup"] = time.perf_counter() - t
+        dropped = {r.name: r.skipped["near_duplicate"] for r in reports}
+        ctx.log(f"[data] near-duplicates (MinHash, Jaccard >= {nd.threshold}, {nd.ngram}-word shingles): dropped "
+                f"{sum(dropped.values())} documents ({', '.join(f'{k} {v}' for k, v in dropped.items())}) in "
+                f"{times['near_dup']:.1f}s")
 
     # 2. shard, 3. split --------------------------------------------------------------------------
     t = time.perf_counter()
