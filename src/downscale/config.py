@@ -14,11 +14,12 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -477,6 +478,27 @@ class EvaluateConfig(_Section):
 # --------------------------------------------------------------------------- experiment
 
 
+class QualityConfig(_Section):
+    """Data pruning by quality (downscale.data.quality): the specialize stage scores each training document of a
+    student's shard by the base's mean NLL per token and trains on the documents inside a band of it."""
+
+    enabled: bool = Field(False, description="Score every training document of each shard by the base's mean NLL "
+                                              "per token and keep the band below (in the specialize stage).")
+    band: tuple[float, float] = Field((10.0, 90.0), description="Percentiles [low, high] of the per-document NLL "
+                                      "kept (inclusive): [10, 90] drops both tails, [0, 50] keeps the half the base "
+                                      "finds easiest, [25, 75] the middle.")
+    score_tokens: int = Field(256, ge=2, description="Tokens from each document's start that are scored.")
+    batch_size: int = Field(8, ge=1, description="Documents per scoring batch.")
+
+    @field_validator("band")
+    @classmethod
+    def _band_in_order(cls, band: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = band
+        if not (0.0 <= lo < hi <= 100.0):
+            raise ValueError(f"must be percentiles 0 <= low < high <= 100; got [{lo}, {hi}]")
+        return band
+
+
 class ExperimentConfig(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
@@ -485,6 +507,7 @@ class ExperimentConfig(_Section):
     specialize: SpecializeConfig = Field(default_factory=SpecializeConfig)
     combine: CombineConfig = Field(default_factory=CombineConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
 
     # Where the config came from, and the command line's overrides; not part of the schema.
     _source: str = "<config>"
@@ -497,6 +520,13 @@ class ExperimentConfig(_Section):
                              "base must share the base's vocabulary")
         if not self.base.name_or_path and self.data.tokenizer.kind == "base":
             raise ValueError("data.tokenizer.kind 'base' needs base.name_or_path (a model to take the tokenizer from)")
+        return self
+
+    @model_validator(mode="after")
+    def _quality_with_online_teacher(self) -> ExperimentConfig:
+        if self.quality.enabled and self.specialize.teacher == "cache":
+            raise ValueError("quality.enabled: the pruned training split is made in the specialize stage and a "
+                             "teacher cache indexes the unpruned one; use specialize.teacher: online with it")
         return self
 
     @model_validator(mode="after")
@@ -599,6 +629,9 @@ def _describe(err: dict) -> tuple[str, str, Any]:
         return _loc(loc), "required key is missing", None
     if kind == "value_error":
         msg = msg.removeprefix("Value error, ")
+        named = re.match(r"([a-z_]+(?:\.[a-z_0-9]+)+)(:? )", msg) if not loc else None
+        if named:  # a check across sections names the key it is about first: that is the key
+            return named.group(1), msg[named.end():] if named.group(2) == ": " else msg, None
         return _loc(loc), msg, None
     if kind == "literal_error":
         return _loc(loc), "expected " + msg.removeprefix("Input should be "), given

@@ -125,7 +125,9 @@ def _specialize_keys(cfg: ExperimentConfig) -> Keys:
         exclude += ["specialize.cache_top_k", "specialize.cache_logprob_dtype"]
     if not s.lora:
         exclude += ["specialize.lora_rank", "specialize.lora_alpha"]
-    return Keys(("run.seed", "run.precision", "specialize"), exclude=tuple(exclude))
+    # data pruning by quality happens in this stage; off, its settings change nothing (and older runs keep their hash)
+    return Keys(("run.seed", "run.precision", "specialize") + (("quality",) if cfg.quality.enabled else ()),
+                exclude=tuple(exclude))
 
 
 def _combine_keys(cfg: ExperimentConfig) -> Keys:

@@ -120,6 +120,7 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
            "this scale they are a reference, not a prediction.", ""]
     md += ["## Parameters", "", f"![loss vs parameters]({plots['params']})", ""]
     md += compression_md(results.get("compression") or {})
+    md += quality_md(results.get("data_quality") or {}, out_dir)
     md += _ledger_md(results)
     text = "\n".join(md) + "\n"
     write_text_atomic(out_dir / "report.md", text)
@@ -181,6 +182,45 @@ def compression_md(comp: dict) -> list[str]:
                       f"{s['num_kv_heads']} | {s['num_layers']} | {c['fraction_of_base']:.1%} | "
                       f"{_fmt_num(c.get('loss'), 3)} | {c.get('blocks_scored', '-')} |")
     return md + [""]
+
+
+def quality_md(quality: dict, out_dir: Path) -> list[str]:
+    """The data pruning by quality (``quality.enabled``): per student's shard, the band of the base's NLL per
+    document, what was kept and dropped, and a plot of each shard's score distribution with its band."""
+    if not quality:
+        return []
+    md = ["## Data pruned by quality", "",
+          "Each training document of a student's shard was scored by the base's mean NLL per token (its first "
+          "`quality.score_tokens` tokens); the documents inside the band of percentiles were kept, re-packed and "
+          "trained on (the same steps and tokens as without pruning).", "",
+          "| student | shard | band (percentiles) | band (nats/token) | documents kept | dropped low / high | "
+          "tokens kept | mean NLL all -> kept |", "|---|---|---|---|---|---|---|---|"]
+    for i, q in quality.items():
+        d, t, sm = q["documents"], q["tokens"], q["score_mean"]
+        md.append(f"| {i} | {q['shard']} | {q['band'][0]:g}-{q['band'][1]:g} | {_fmt_num(q['thresholds'][0])}-"
+                  f"{_fmt_num(q['thresholds'][1])} | {d['kept']} of {d['scored'] + d['unscored']} | "
+                  f"{d['dropped_low']} / {d['dropped_high']} | {t['kept']:,} of {t['before']:,} | "
+                  f"{_fmt_num(sm['all'])} -> {_fmt_num(sm['kept'])} |")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(quality), figsize=(3.2 * len(quality), 2.8), squeeze=False)
+    for ax, (i, q) in zip(axes[0], quality.items(), strict=True):
+        counts, edges = q["histogram"]["counts"], q["histogram"]["edges"]
+        if counts:
+            ax.stairs(counts, edges, fill=True, alpha=0.6)
+        for x in q["thresholds"]:
+            if x is not None and x == x:  # NaN when nothing was scored
+                ax.axvline(x, color="r", lw=1)
+        ax.set_title(f"student {i} ({q['shard']})", fontsize=9)
+        ax.set_xlabel("base NLL per token (document mean)", fontsize=8)
+    axes[0][0].set_ylabel("documents")
+    fig.tight_layout()
+    _save_fig(fig, out_dir / "data_quality.png")
+    plt.close(fig)
+    return md + ["", "![document scores and the kept band](data_quality.png)", ""]
 
 
 def _inference_md(results: dict, plots: dict[str, str]) -> list[str]:

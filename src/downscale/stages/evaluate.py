@@ -451,6 +451,13 @@ def assemble_results(ctx: StageContext, rows: list[dict], curve: dict, shards: l
     from downscale.report import compression_summary
 
     results["compression"] = compression_summary(_maybe_json(ctx.run_dir / "students" / "compress.json"))
+    quality = {}  # data pruning by quality (quality.enabled): what each student's shard kept and dropped
+    for i in range(ctx.cfg.num_students):
+        q = (_maybe_json(ctx.run_dir / "specialized" / str(i) / "train_summary.json") or {}).get("quality")
+        if q:
+            quality[str(i)] = {"shard": shards[i], **q}
+    if quality:
+        results["data_quality"] = quality
     results["verdict"] = _verdict(rows)
     return results
 

@@ -16,6 +16,7 @@ in the manifest on its own (a "part" of this incremental stage) and written atom
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,10 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
     accelerator = train.make_accelerator(device, amp, tcfg.report_to, project_dir=ctx.work_dir(f"student-{i}"),
                                          run_name=f"{cfg.run.name}-student-{i}",
                                          tracker_config=cfg.model_dump(mode="json")["specialize"])
-    sources, fractions = [open_split(run_dir, shard, "train")], None
+    own, quality_info = open_split(run_dir, shard, "train"), None
+    if cfg.quality.enabled:  # data pruning: the documents of the shard inside the band of the base's NLL
+        own, quality_info = prune_by_quality(ctx, shard, teacher, device, amp)
+    sources, fractions = [own], None
     others = [s for s in shards if s != shard]
     if scfg.replay_fraction > 0 and others:
         sources += [open_split(run_dir, s, "train") for s in others]
@@ -228,6 +232,8 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
         "rank_weight_digests": rank_digests,
         "before": before, "after": after,
     }
+    if quality_info is not None:
+        summary["quality"] = quality_info
     if pipeline.is_main_process():
         student.config.use_cache = True
         models.save_causal_lm(student, out, tokenizer_dir=run_dir / "tokenizer",
@@ -236,6 +242,44 @@ def specialize_student(ctx: StageContext, i: int, shards: list[str], out: Path) 
 
         shutil.copy2(work / "metrics.jsonl", out / "metrics.jsonl")
     return summary
+
+
+def prune_by_quality(ctx: StageContext, shard: str, base, device, amp) -> tuple[np.ndarray, dict]:
+    """The shard's training blocks re-packed from its documents inside ``quality.band`` of the base's mean NLL per
+    token (``downscale.data.quality``), and what was kept and dropped. The scores are cached (resumable) under
+    ``<run>/work/quality/<shard>/``, keyed by the base, the data and the scoring settings."""
+    import hashlib
+
+    from downscale.data import quality
+    from downscale.data.blocks import data_meta
+
+    qcfg, run_dir = ctx.cfg.quality, ctx.run_dir
+    meta = data_meta(run_dir)
+    sep = int((meta.get("doc_separator") or {}).get("id", meta["eos_token_id"]))  # older runs: EOS between docs
+    block = int(meta["block_size"])
+    blocks = open_split(run_dir, shard, "train")
+    docs = quality.split_documents(blocks, sep)
+    inputs = pipeline.recorded_content(run_dir, ("data", "base"))
+    key = hashlib.sha256(json.dumps({"inputs": inputs, "shard": shard, "score_tokens": qcfg.score_tokens,
+                                     "precision": ctx.cfg.run.precision}, sort_keys=True, default=str).encode()
+                         ).hexdigest()[:16]
+    t0 = time.time()
+    scores = quality.score_documents(base, docs, qcfg.score_tokens, qcfg.batch_size, device, amp,
+                                     cache=ctx.work_dir("quality") / shard, key=key)
+    keep, lo, hi = quality.select_band(scores, tuple(qcfg.band))
+    kept = quality.repack([d for d, k in zip(docs, keep.tolist(), strict=True) if k], sep, block, blocks.dtype)
+    if len(kept) == 0:
+        raise StageError(f"{ctx.cfg._source}: quality.band: [{qcfg.band[0]}, {qcfg.band[1]}] keeps "
+                         f"{int(keep.sum())} of the {len(docs)} documents of shard {shard!r}, not one full block "
+                         f"of {block} tokens; widen the band")
+    info = quality.summary(docs, scores, keep, lo, hi, tuple(qcfg.band), len(blocks), len(kept))
+    info["seconds"] = round(time.time() - t0, 2)
+    d, t = info["documents"], info["tokens"]
+    ctx.log(f"[specialize] quality {shard}: kept {d['kept']} of {len(docs)} documents ({t['kept']:,} of "
+            f"{t['before']:,} tokens; band {qcfg.band[0]:g}-{qcfg.band[1]:g} percentiles of the base's NLL = "
+            f"{lo:.3f}-{hi:.3f} nats/token; dropped {d['dropped_low']} below, {d['dropped_high']} above); "
+            f"{len(kept)} of {len(blocks)} blocks, in {info['seconds']:.1f}s")
+    return kept, info
 
 
 def _rank_digests(model, accelerator) -> list[str]:
