@@ -143,6 +143,8 @@ BAD = [
     pytest.param("specialize", ["quality.band=[0, 101]"], "quality.band", id="quality-band-over-100"),
     pytest.param("specialize", ["quality.enabled=true", "specialize.teacher=cache"], "quality.enabled",
                  id="quality-with-a-teacher-cache"),
+    pytest.param("evaluate", ["evaluate.quality_ablation=true"], "evaluate.quality_ablation",
+                 id="quality-ablation-without-pruning"),
     pytest.param("specialize", ["specialize.temperature=0"], "specialize.temperature", id="temperature-0"),
     pytest.param("specialize", ["specialize.cache_top_k=0"], "specialize.cache_top_k", id="cache-top-k-0"),
     pytest.param("data", ["data.val_fraction=1.5"], "data.val_fraction", id="val-fraction-1.5"),

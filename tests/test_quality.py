@@ -148,3 +148,31 @@ def test_the_report_shows_each_shard_and_plots_its_band(tmp_path):
     assert "3 of 5" in text and "1 / 1" in text  # kept (the unscored one too), dropped below / above
     assert (tmp_path / "data_quality.png").stat().st_size > 0
     assert quality_md({}, tmp_path) == []
+
+
+def test_the_ablation_trains_twins_on_unpruned_shards_and_pairs_the_rows(tmp_path):
+    """quality.enabled + evaluate.quality_ablation through the whole pipeline: each student's twin, specialized the
+    same way on its unpruned shard, is scored beside it; the report shows both and the pruning summary."""
+    from test_evaluate import SECTIONS
+    from tiny import fake_data_run
+
+    sections = {**SECTIONS, "evaluate": {"control": False, "batch_size": 4, "quality_ablation": True},
+                "combine": {"modes": ["logit_mean"], "prior_blocks": 4},
+                "quality": {"enabled": True, "band": [20, 80], "score_tokens": 16}}
+    cfg = fake_data_run(tmp_path, **sections)
+    pipeline.run_all(cfg, log=lambda m: None)
+    results = json.loads((cfg.run_dir / "eval" / "results.json").read_text())
+    twins = [r for r in results["rows"] if r["kind"] == "ablation"]
+    assert len(twins) == cfg.num_students
+    names = {r["name"] for r in results["rows"]}
+    for r in twins:
+        assert r["pairs_with"] in names and r["paths"][0].startswith("eval/unpruned/")
+        assert (cfg.run_dir / r["paths"][0] / "model.safetensors").is_file()
+    pruned = json.loads((cfg.run_dir / "specialized" / "0" / "train_summary.json").read_text())
+    twin = json.loads((cfg.run_dir / "eval" / "unpruned" / "0" / "train_summary.json").read_text())
+    assert "quality" in pruned and "quality" not in twin
+    assert twin["tokens"] == pruned["tokens"] and twin["steps"] == pruned["steps"]  # equal token budgets
+    assert set(results["data_quality"]) == {str(i) for i in range(cfg.num_students)}
+    report = (cfg.run_dir / "eval" / "report.md").read_text()
+    assert "## Data pruned by quality" in report and "| student | pruned data | unpruned data |" in report
+    assert all(r["name"] != w["name"] for w in results["winners"].values() for r in twins)

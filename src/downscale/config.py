@@ -471,6 +471,10 @@ class EvaluateConfig(_Section):
         True, description="Train a compute-matched control: the base trained on as many more tokens as the students."
     )
     control_lr: float | None = Field(None, gt=0, description="Peak LR of the control; null: specialize.train.lr.")
+    quality_ablation: bool = Field(
+        False, description="With quality.enabled: also specialize every student on its unpruned shard (the same "
+                           "steps and settings) and score it beside the one trained on the pruned shard."
+    )
     device_watts: float = Field(700.0, gt=0, description="Device power for the energy estimate.")
     grid_gco2_per_kwh: float = Field(400.0, ge=0, description="Grid carbon intensity for the CO2 estimate.")
 
@@ -527,6 +531,13 @@ class ExperimentConfig(_Section):
         if self.quality.enabled and self.specialize.teacher == "cache":
             raise ValueError("quality.enabled: the pruned training split is made in the specialize stage and a "
                              "teacher cache indexes the unpruned one; use specialize.teacher: online with it")
+        return self
+
+    @model_validator(mode="after")
+    def _ablation_needs_pruning(self) -> ExperimentConfig:
+        if self.evaluate.quality_ablation and not self.quality.enabled:
+            raise ValueError("evaluate.quality_ablation: compares students trained on pruned and unpruned shards; "
+                             "it needs quality.enabled: true")
         return self
 
     @model_validator(mode="after")

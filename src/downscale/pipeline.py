@@ -143,6 +143,8 @@ def _evaluate_keys(cfg: ExperimentConfig) -> Keys:
                     if k != "lr" or cfg.evaluate.control_lr is None]
     else:
         exclude.append("evaluate.control_lr")
+    if cfg.evaluate.quality_ablation:  # it specializes the students again, on the unpruned shards
+        content += ["specialize", "quality"]
     return Keys(tuple(content), exclude=tuple(exclude))
 
 

@@ -120,7 +120,7 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
            "this scale they are a reference, not a prediction.", ""]
     md += ["## Parameters", "", f"![loss vs parameters]({plots['params']})", ""]
     md += compression_md(results.get("compression") or {})
-    md += quality_md(results.get("data_quality") or {}, out_dir)
+    md += quality_md(results.get("data_quality") or {}, out_dir, results["rows"])
     md += _ledger_md(results)
     text = "\n".join(md) + "\n"
     write_text_atomic(out_dir / "report.md", text)
@@ -184,9 +184,10 @@ def compression_md(comp: dict) -> list[str]:
     return md + [""]
 
 
-def quality_md(quality: dict, out_dir: Path) -> list[str]:
+def quality_md(quality: dict, out_dir: Path, rows: list[dict] | None = None) -> list[str]:
     """The data pruning by quality (``quality.enabled``): per student's shard, the band of the base's NLL per
-    document, what was kept and dropped, and a plot of each shard's score distribution with its band."""
+    document, what was kept and dropped, a plot of each shard's score distribution with its band, and with
+    ``evaluate.quality_ablation`` each student against its twin trained on the unpruned shard."""
     if not quality:
         return []
     md = ["## Data pruned by quality", "",
@@ -220,7 +221,22 @@ def quality_md(quality: dict, out_dir: Path) -> list[str]:
     fig.tight_layout()
     _save_fig(fig, out_dir / "data_quality.png")
     plt.close(fig)
-    return md + ["", "![document scores and the kept band](data_quality.png)", ""]
+    md += ["", "![document scores and the kept band](data_quality.png)", ""]
+    pairs = [(next((p for p in rows or [] if p["name"] == r["pairs_with"]), None), r) for r in rows or []
+             if r["kind"] == "ablation"]
+    if pairs:
+        md += ["The ablation (`evaluate.quality_ablation`): each student specialized again on its unpruned shard, "
+               "the same steps, tokens and settings. Test loss, pooled (own shard in brackets):", "",
+               "| student | pruned data | unpruned data | difference |", "|---|---|---|---|"]
+        for p, r in pairs:
+            if p is None:
+                continue
+            shard = next((q["shard"] for q in quality.values() if r["pairs_with"].endswith(f"({q['shard']})")), None)
+            own = (f" ({p['loss'][shard]:.4f})", f" ({r['loss'][shard]:.4f})") if shard else ("", "")
+            md.append(f"| {p['name']} | {p['loss']['pooled']:.4f}{own[0]} | {r['loss']['pooled']:.4f}{own[1]} | "
+                      f"{p['loss']['pooled'] - r['loss']['pooled']:+.4f} |")
+        md.append("")
+    return md
 
 
 def _inference_md(results: dict, plots: dict[str, str]) -> list[str]:

@@ -94,6 +94,14 @@ def run(ctx: StageContext) -> dict:
                                 routed_modes=tuple(m for m in ROUTED_CURVE_MODES if m in ens_meta["modes"]))
     del ens, specialized
 
+    if ecfg.quality_ablation:
+        rows += quality_ablation(ctx, ev, shards, out)
+        for r in (r for r in rows if r["kind"] == "ablation"):
+            pruned = next(p for p in rows if p["name"] == r["pairs_with"])
+            ctx.log(f"[evaluate] quality ablation: {pruned['name']} pooled {pruned['loss']['pooled']:.4f} on the "
+                    f"pruned shard vs {r['loss']['pooled']:.4f} on the unpruned one "
+                    f"({pruned['loss']['pooled'] - r['loss']['pooled']:+.4f})")
+
     control_info = None
     if ecfg.control:
         control, control_info = train_control(ctx, device, amp)
@@ -411,6 +419,34 @@ def train_control(ctx: StageContext, device, amp):
     return model, info
 
 
+def quality_ablation(ctx: StageContext, ev: _Evaluator, shards: list[str], out) -> list[dict]:
+    """The data-pruning ablation (``evaluate.quality_ablation``): every pruned student specialized again exactly as
+    the specialize stage did, but on its unpruned shard (the same steps, tokens, seed and settings; checkpoints
+    under ``<run>/work/evaluate/``), saved in ``eval/unpruned/<i>`` and scored. Each row names the row it pairs
+    with (``pairs_with``) and the difference of their pooled losses is logged."""
+    from dataclasses import replace
+
+    from downscale import models
+    from downscale.stages.specialize import specialize_student
+
+    cfg = ctx.cfg
+    plain = cfg.model_copy(update={"quality": cfg.quality.model_copy(update={"enabled": False})})
+    sub = replace(ctx, cfg=plain)
+    device, amp = models.setup_runtime(cfg.run)
+    rows = []
+    for i, shard in enumerate(shards[:cfg.num_students]):
+        folder = out / "unpruned" / str(i)
+        ctx.log(f"[evaluate] quality ablation: student {i} ({shard}) specialized again on its unpruned shard")
+        specialize_student(sub, i, shards, folder)
+        m = models.load_causal_lm(folder, dtype="float32", device=device)
+        models.hold_in_compute_dtype(m, amp)
+        row = ev.score_model(f"student {i} ({shard}, unpruned data)", "ablation", m, [f"eval/unpruned/{i}"])
+        row["pairs_with"] = f"student {i} ({shard})"
+        rows.append(row)
+        del m
+    return rows
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -435,7 +471,7 @@ def assemble_results(ctx: StageContext, rows: list[dict], curve: dict, shards: l
     }
     winners = {}
     for shard in [*shards, "pooled"]:
-        cands = [r for r in rows if r["kind"] != "oracle"]
+        cands = [r for r in rows if r["kind"] not in ("oracle", "ablation")]
         best = min(cands, key=lambda r: r["loss"][shard])
         winners[shard] = {"name": best["name"], "loss": best["loss"][shard]}
     results["winners"] = winners
