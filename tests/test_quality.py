@@ -176,3 +176,18 @@ def test_the_ablation_trains_twins_on_unpruned_shards_and_pairs_the_rows(tmp_pat
     report = (cfg.run_dir / "eval" / "report.md").read_text()
     assert "## Data pruned by quality" in report and "| student | pruned data | unpruned data |" in report
     assert all(r["name"] != w["name"] for w in results["winners"].values() for r in twins)
+
+
+def test_a_band_that_keeps_less_than_a_block_is_one_line_naming_the_key(tmp_path, monkeypatch):
+    from downscale.pipeline import StageError
+    from test_specialize import _pruned_run
+
+    cfg = _pruned_run(tmp_path, quality={"enabled": True, "band": [0, 0.5], "score_tokens": 8})
+    # documents of 5 tokens: the one document the band keeps is shorter than a block of this run
+    monkeypatch.setattr(quality, "split_documents", lambda blocks, sep: [np.asarray(blocks).reshape(-1)[i:i + 5]
+                                                                         for i in range(0, 100, 5)])
+    with pytest.raises(StageError) as err:
+        pipeline.run_stage(cfg, "specialize", part=0, log=lambda m: None)
+    msg = str(err.value)
+    assert "quality.band" in msg and "widen the band" in msg and "\n" not in msg
+    assert not (cfg.run_dir / "specialized" / "0").exists()  # nothing half-written
