@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from downscale import routing, sparse
-from downscale.fastpath import StackedKV, StackedStudents, stack_incompatibility
+from downscale.fastpath import StackedKV, StackedStudents, padded_causal_mask, stack_incompatibility
 from downscale.models import split_head
 from downscale.pipeline import StageError
 from downscale.sparse import SparseStats
@@ -271,10 +271,7 @@ class EnsembleModel(torch.nn.Module):
                                                                     if new_cache is not None else None)
             attn = None
             if padded or (past and q > 1):
-                k_idx = torch.arange(S, device=ids.device)
-                attn = k_idx[None, :] <= (past + torch.arange(q, device=ids.device))[:, None]  # [q, S]
-                attn = attn[None, None] & mask[:, None, None, :].bool()  # [B, 1, q, S]
-                attn = attn | ~attn.any(-1, keepdim=True)  # fully masked rows (padding): any finite output
+                attn = padded_causal_mask(mask, q)  # [B, 1, q, S]
             h = stack.hidden(new_ids, new_pos, attn, kv)  # [n, B, q, d]
             if new_cache is not None:
                 new_cache.stacked = kv

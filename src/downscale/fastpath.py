@@ -91,6 +91,17 @@ def stack_incompatibility(students: list) -> str | None:
     return None
 
 
+def padded_causal_mask(mask: torch.Tensor, q: int) -> torch.Tensor:
+    """The fast path's boolean attention mask [B, 1, q, S] for ``q`` new tokens after S - q past ones, from a
+    padding mask [B, S] (1 = real token): causal and real keys only; a fully masked row (padding) may see every
+    key (any finite output; it is never read)."""
+    S = mask.shape[1]
+    k_idx = torch.arange(S, device=mask.device)
+    attn = k_idx[None, :] <= (S - q + torch.arange(q, device=mask.device))[:, None]  # [q, S]
+    attn = attn[None, None] & mask[:, None, None, :].bool()
+    return attn | ~attn.any(-1, keepdim=True)
+
+
 class StackedKV:
     """The fast path's KV cache: per layer, keys and values of all n students and B rows, stored as
     [n*B, Hkv, capacity, head_dim] buffers that grow by doubling (no concatenation per step)."""

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from downscale import routing
-from downscale.fastpath import StackedKV, StackedStudents
+from downscale.fastpath import StackedKV, StackedStudents, padded_causal_mask
 from downscale.models import nll_chunk_tokens, split_head
 
 
@@ -207,21 +207,10 @@ class _Decoder:
             return logits_of
         if self.cache is None:
             self.cache = StackedKV(len(self.stack.layers))
-        h = self.stack.hidden(ids, positions, _stacked_mask(mask, ids.shape[1]) if padded else None, self.cache)
+        h = self.stack.hidden(ids, positions, padded_causal_mask(mask, ids.shape[1]) if padded else None, self.cache)
         R = ids.shape[0]
         return lambda t0, t1: self.stack.logits(h[:, :, t0:t1].reshape(1, R * (t1 - t0), -1)).view(R, t1 - t0, -1
                                                                                                    ).float()
-
-
-def _stacked_mask(mask: torch.Tensor, q: int) -> torch.Tensor:
-    """The fast path's boolean attention mask [B, 1, q, S] for ``q`` new tokens after S - q past ones, from a
-    padding mask [B, S] (1 = real): causal and real keys only; a fully masked row (padding) may see everything
-    (any finite output; it is never read)."""
-    S = mask.shape[1]
-    k_idx = torch.arange(S, device=mask.device)
-    attn = k_idx[None, :] <= (S - q + torch.arange(q, device=mask.device))[:, None]  # [q, S]
-    attn = attn[None, None] & mask[:, None, None, :].bool()
-    return attn | ~attn.any(-1, keepdim=True)
 
 
 def _bayes_prompt_fast(ens, stack: StackedStudents, ids: torch.Tensor, positions: torch.Tensor,
@@ -230,7 +219,7 @@ def _bayes_prompt_fast(ens, stack: StackedStudents, ids: torch.Tensor, positions
     over real tokens predicted from real ones, each student's last logits [n, B, V] fp32, the stacked cache)."""
     n, (B, T), V = ens.n, ids.shape, ens.vocab_size
     kv = StackedKV(len(stack.layers))
-    h = stack.hidden(ids, positions, _stacked_mask(mask, T) if padded else None, kv)  # [n, B, T, d]
+    h = stack.hidden(ids, positions, padded_causal_mask(mask, T) if padded else None, kv)  # [n, B, T, d]
     evidence = torch.zeros(n, B, dtype=torch.float64, device=ids.device)
     seen = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)  # a real token predicted from a real one
     step = max(1, nll_chunk_tokens(V) // max(1, n * B))

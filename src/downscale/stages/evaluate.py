@@ -432,14 +432,13 @@ def quality_ablation(ctx: StageContext, ev: _Evaluator, shards: list[str], out) 
     cfg = ctx.cfg
     plain = cfg.model_copy(update={"quality": cfg.quality.model_copy(update={"enabled": False})})
     sub = replace(ctx, cfg=plain)
-    device, amp = models.setup_runtime(cfg.run)
     rows = []
     for i, shard in enumerate(shards[:cfg.num_students]):
         folder = out / "unpruned" / str(i)
         ctx.log(f"[evaluate] quality ablation: student {i} ({shard}) specialized again on its unpruned shard")
         specialize_student(sub, i, shards, folder)
-        m = models.load_causal_lm(folder, dtype="float32", device=device)
-        models.hold_in_compute_dtype(m, amp)
+        m = models.load_causal_lm(folder, dtype="float32", device=ev.device)
+        models.hold_in_compute_dtype(m, ev.amp)
         row = ev.score_model(f"student {i} ({shard}, unpruned data)", "ablation", m, [f"eval/unpruned/{i}"])
         row["pairs_with"] = f"student {i} ({shard})"
         rows.append(row)
