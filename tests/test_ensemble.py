@@ -427,3 +427,45 @@ def test_chunk_bytes_default_follows_the_device():
     assert ens.chunk_bytes == DEFAULT_CHUNK_BYTES  # on the CPU
     ens.chunk_bytes = 1234
     assert ens.chunk_bytes == 1234
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_products_split_over_output_rows_equal_the_whole_products(arch, n, monkeypatch):
+    """On a CPU, products of few rows split each student's output rows into blocks (so that the threads share
+    them); the logits (scoring, a padded batch, the heads, the mean of logits) and greedy decoding equal the unsplit
+    products."""
+    import downscale.fastpath as fastpath
+    from downscale.fastpath import StackedStudents, _out_split
+
+    students = _students(arch, n=n, hidden=32, heads=4, kv_heads=2)
+    stack = StackedStudents(students)
+    ids = _ids(B=2, T=12)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pad = fastpath.padded_causal_mask(mask, ids.shape[1])
+
+    def run():
+        h = stack.hidden(ids, pos, pad)
+        flat = h.reshape(n, -1, h.shape[-1])
+        return stack.logits(flat), stack.mean_logits(flat)
+
+    monkeypatch.setattr(fastpath, "SPLIT_PER_THREAD", 6)  # one thread here (the fixture): 6 blocks in all
+    x = torch.zeros(n, 24, 32)
+
+    def expected(rows: int) -> int:  # the most blocks up to ceil(6 / n) that divide the rows
+        return max(s for s in range(1, -(-6 // n) + 1) if rows % s == 0)
+
+    gate_up = stack.layers[0]["gate_up"]
+    assert _out_split(x, gate_up) == expected(gate_up.shape[1]) > 1
+    assert _out_split(x, stack.head_vnd.transpose(0, 1)) == (expected(V) if n == 1 else 1)  # n heads: strided
+    split = run()
+    ens = EnsembleModel(students, mode="logit_mean")
+    gen_split = ens.generate(ids[:1, :5], max_new_tokens=6)
+    monkeypatch.setattr(fastpath, "SPLIT_MAX_ROWS", 0)  # off
+    assert _out_split(x, stack.layers[0]["gate_up"]) == 1
+    whole = run()
+    for a, b in zip(split, whole, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert torch.equal(ens.generate(ids[:1, :5], max_new_tokens=6), gen_split)
