@@ -12,6 +12,7 @@ decodes alone) against dense routed generation (every student every step, the fa
 Goals: sparse top-1 within 1.3x of one student's own generation time, and >= 2x faster than dense routed at n = 3.
 
     .venv/bin/python benchmarks/bench_ensemble.py [--quick] [--modes logit_mean,prob_mean] [--threads 2]
+    .venv/bin/python benchmarks/bench_ensemble.py --ensemble RUN/ensemble   # sparse vs dense routed, saved students
 
 Timings on a shared machine are noisy (+-10-15%); only ratios measured side by side in one run
 mean anything.
@@ -153,6 +154,40 @@ def bench_sparse_generate(n: int, repeats: int, batch: int, prompt: int, new: in
     return row
 
 
+def bench_saved_ensemble(path: str, repeats: int, prompt: int = 32, new: int = 32) -> dict:
+    """Sparse top-1 against dense routed generation on a saved ensemble (e.g. a run's ``ensemble/`` of real
+    students), each mode its own load of the students: batch 1, a ``prompt``-token prompt, ``new`` greedy tokens;
+    also whether the fast path's text equals the Hugging Face path's."""
+    from downscale.ensemble_io import load_ensemble
+
+    sparse, dense = load_ensemble(path, mode="sparse"), load_ensemble(path, mode="routed")
+    prompts = ["def parse_config(path):\n    \"\"\"Read the file", "The function returns a list of",
+               "The Licensee shall not, without prior written consent,"]
+    with torch.no_grad():
+        fast_text = sparse.generate_text(prompts, max_new_tokens=24)
+        sparse.fast = False
+        same = fast_text == sparse.generate_text(prompts, max_new_tokens=24)
+        sparse.fast = True
+        ids = sparse.tokenizer(" ".join(prompts * 8), return_tensors="pt").input_ids[:, :prompt]
+        runs = {"sparse top-1": lambda: sparse.generate(ids, max_new_tokens=new, eos_token_id=[]),
+                "dense routed": lambda: dense.generate(ids, max_new_tokens=new, eos_token_id=[])}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for r in range(repeats + 1):
+            for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                t = _time(runs[name])
+                if r:
+                    times[name].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = {"ensemble": path, "n": sparse.n, "fast_path": sparse.uses_fast_path, "prompt": prompt, "new_tokens": new,
+           "tokens_per_s": {k: new / v for k, v in med.items()},
+           "dense_vs_sparse": med["dense routed"] / med["sparse top-1"], "fast_text_equals_hf_path": same}
+    print(f"saved ensemble {path} (n={sparse.n}, fast path {sparse.uses_fast_path}): "
+          + ", ".join(f"{k} {v:6.1f} tok/s" for k, v in row["tokens_per_s"].items())
+          + f"; dense routed / sparse {row['dense_vs_sparse']:.2f}x; fast path text == HF path text: {same}",
+          flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (a smoke run)")
@@ -163,12 +198,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sparse-only", action="store_true", help="only the sparse generation comparison")
     p.add_argument("--gen-size", default=None, help="HIDDEN,LAYERS of the sparse generation students (default: the "
                    "forward benchmark's; e.g. 512,8 for students whose weights do not fit in the CPU's caches)")
+    p.add_argument("--ensemble", default=None, help="only sparse vs dense routed generation on this saved ensemble "
+                   "(a run's ensemble/ folder, e.g. of the real SmolLM2 students)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from downscale.models import quiet_transformers
 
     quiet_transformers()
+    if args.ensemble:
+        result = {"saved_ensemble": bench_saved_ensemble(args.ensemble, args.repeats or 3),
+                  "threads": torch.get_num_threads()}
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                json.dump(result, fh, indent=2)
+        return result
     size = dict(hidden=128, layers=2, vocab=2048) if args.quick else dict(hidden=256, layers=4, vocab=8192)
     repeats = args.repeats or (2 if args.quick else 3)
     modes = [m for m in args.modes.split(",") if m]
