@@ -26,7 +26,8 @@ import sys
 from typing import Any
 
 import torch
-from tqdm import tqdm
+
+from downscale import progress
 
 try:
     from lm_eval import utils as _lm_utils
@@ -94,8 +95,8 @@ if HAVE_LM_EVAL:
                 items.append((j, whole, min(len(cont), len(whole) - 1)))
             order = sorted(items, key=lambda it: -len(it[1]))  # similar lengths share a batch
             results: list[tuple[float, bool] | None] = [None] * len(requests)
-            for start in tqdm(range(0, len(order), self._batch_size), disable=disable_tqdm,
-                              desc="downscale-ensemble loglikelihood"):
+            for start in progress.bar(range(0, len(order), self._batch_size), disable=disable_tqdm,
+                                      desc="downscale-ensemble loglikelihood"):
                 batch = order[start:start + self._batch_size]
                 width = max(len(whole) - 1 for _, whole, _ in batch)
                 pad = self.eot_token_id
@@ -123,7 +124,7 @@ if HAVE_LM_EVAL:
             """Total log-likelihood of each string, in disjoint windows of max_length tokens (the first
             token is predicted from the end-of-text token)."""
             out = []
-            for req in tqdm(requests, disable=disable_tqdm, desc="downscale-ensemble rolling"):
+            for req in progress.bar(requests, disable=disable_tqdm, desc="downscale-ensemble rolling"):
                 (string,) = req.args
                 windows = [_lm_utils.make_disjoint_window(w) for w in _lm_utils.get_rolling_token_windows(
                     token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
@@ -138,7 +139,7 @@ if HAVE_LM_EVAL:
         def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
             """Greedy (or sampled, with do_sample) continuations, cut at the first stop sequence."""
             out = []
-            for req in tqdm(requests, disable=disable_tqdm, desc="downscale-ensemble generate"):
+            for req in progress.bar(requests, disable=disable_tqdm, desc="downscale-ensemble generate"):
                 context, gen_kwargs = req.args
                 kwargs = dict(gen_kwargs or {})
                 until = kwargs.pop("until", None) or []

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -140,9 +139,8 @@ def build_teacher_cache(teacher_model: torch.nn.Module, blocks: np.ndarray, out_
     Returns:
         The meta dict of the complete cache.
     """
-    from tqdm.auto import tqdm
-
     from downscale import kd, models
+    from downscale.progress import bar as progress_bar
 
     out_dir = Path(out_dir)
     if logprob_dtype not in ("float16", "float32"):
@@ -188,8 +186,8 @@ def build_teacher_cache(teacher_model: torch.nn.Module, blocks: np.ndarray, out_
     was_training = teacher_model.training
     teacher_model.eval()
     decoder = teacher_model.get_decoder()
-    bar = tqdm(total=n_blocks, initial=done, desc="teacher cache", unit="block", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=n_blocks, initial=done, desc="teacher cache", unit="block", disable=not progress,
+                       dynamic_ncols=True)
     try:
         for start in range(done, n_blocks, batch_size):
             end = min(n_blocks, start + batch_size)

@@ -367,7 +367,7 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
     weights, the teacher, the data), named when the loss is not finite at the first step. ``accelerator`` is an
     ``accelerate.Accelerator``: ``model`` must not be prepared yet.
     """
-    from tqdm.auto import tqdm
+    from downscale import progress
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -413,8 +413,8 @@ def fit(model: torch.nn.Module, *, cfg: Any, sampler: BlockSampler,
         torch.cuda.reset_peak_memory_stats(device)
 
     tokens_per_step = sampler.global_batch * sampler.sources[0].shape[1]
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
-               disable=not accelerator.is_local_main_process, mininterval=1.0)
+    bar = progress.bar(total=cfg.max_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+                       disable=not accelerator.is_local_main_process, mininterval=1.0)
     t0, window_t, window_tok = time.time(), time.time(), 0
     stats_acc: dict[str, float] = {}
     final_val: dict[str, float] = {}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,12 +118,11 @@ def pack(docs: Sequence[Document], encode: Callable[[list[str]], list[list[int]]
     ``doc_cap`` (EOS included; the first ids of a document are kept) applies only when the budget
     binds: if the whole split fits in the budget, nothing is capped; if the capped documents cannot
     fill the budget, the cap is raised to the smallest value that can."""
-    from tqdm.auto import tqdm
+    from downscale import progress
 
     encoded: list[list[int]] = []
     raw_total = capped_total = 0
-    bar = tqdm(total=len(docs), desc=desc, unit="doc", file=sys.stderr, leave=False, mininterval=1.0,
-               disable=None)
+    bar = progress.bar(total=len(docs), desc=desc, unit="doc", leave=False, mininterval=1.0, disable=None)
     i, done = 0, False
     while i < len(docs) and not done:
         batch, chars = [], 0

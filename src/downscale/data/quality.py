@@ -73,9 +73,8 @@ def score_documents(model, docs: list[np.ndarray], score_tokens: int, batch_size
     document alone [n_docs] (NaN for a document of fewer than two tokens). With ``cache`` (a folder), the scores
     so far are kept there with ``key`` every ``save_every`` batches and a matching file resumes the pass;
     ``on_batch(done, total)`` after each batch (tests interrupt from it)."""
-    from tqdm.auto import tqdm
-
     from downscale import models
+    from downscale.progress import bar as progress_bar
 
     n = len(docs)
     lengths = np.array([min(len(d), score_tokens) for d in docs], dtype=np.int64)
@@ -99,8 +98,8 @@ def score_documents(model, docs: list[np.ndarray], score_tokens: int, batch_size
     body, head = split
     w = head.weight.detach().float()
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    bar = tqdm(total=len(batches), initial=done, desc="quality: documents scored", unit="batch", leave=False,
-               disable=not progress)
+    bar = progress_bar(total=len(batches), initial=done, desc="quality: documents scored", unit="batch", leave=False,
+                       disable=not progress)
     for bi in range(done, len(batches)):
         idx = batches[bi]
         width = int(lengths[idx].max())

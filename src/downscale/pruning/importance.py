@@ -28,7 +28,6 @@ layer) and are cached as safetensors (see ``save_scores`` / ``load_scores``).
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,10 +187,9 @@ class _Hooks:
 def calibration_batches(blocks: np.ndarray, batch_size: int, device: torch.device, desc: str):
     """Batches [b, T] of ``blocks`` as int64 tensors on ``device``, with a progress bar (off with
     DOWNSCALE_NO_PROGRESS=1): the one pass over calibration text that scoring and the Gram matrices share."""
-    from tqdm.auto import tqdm
+    from downscale import progress
 
-    bar = tqdm(range(0, len(blocks), batch_size), desc=desc, unit="batch", file=sys.stderr, leave=False,
-               disable=os.environ.get("DOWNSCALE_NO_PROGRESS") == "1")
+    bar = progress.bar(range(0, len(blocks), batch_size), desc=desc, unit="batch", leave=False)
     for start in bar:
         yield torch.as_tensor(np.asarray(blocks[start:start + batch_size], dtype=np.int64), device=device)
 

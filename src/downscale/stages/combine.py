@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from downscale import progress
 from downscale.data.blocks import data_meta, open_split
 from downscale.pipeline import StageContext, StageError
 
@@ -127,7 +127,7 @@ def _score_val(ens, run_dir, shards: list[str], max_blocks: int, batch_size: int
 
     columns, val_loss, used = [], {f"student {i}": {} for i in range(ens.n)}, {}
     total = sum(min(len(open_split(run_dir, s, "val")), max_blocks) for s in shards)
-    bar = tqdm(total=total, desc="combine: val blocks", unit="block", leave=False)
+    bar = progress.bar(total=total, desc="combine: val blocks", unit="block", leave=False)
     for shard in shards:
         blocks = open_split(run_dir, shard, "val")[:max_blocks]
         used[shard] = len(blocks)

@@ -186,8 +186,7 @@ def _make_tokenizer(ctx: StageContext, splits: dict[str, dict[str, list[Document
 def _cluster_shards(ctx: StageContext, per_source: list[list[Document]], reports: list[SourceReport],
                     config_file: str, shard_info: dict[str, dict]) -> dict[str, list[Document]]:
     """k-means shards of all documents; the clusterer is fitted on training documents only."""
-    from tqdm.auto import tqdm
-
+    from downscale import progress
     from downscale.data.cluster import Clusterer
 
     dcfg, seed = ctx.cfg.data, ctx.cfg.run.seed
@@ -213,8 +212,8 @@ def _cluster_shards(ctx: StageContext, per_source: list[list[Document]], reports
     except ValueError as exc:
         raise StageError(f"{config_file}: data.cluster: {exc}") from None
     labels = np.empty(len(docs), dtype=np.int64)
-    for start in tqdm(range(0, len(docs), PREDICT_BATCH), desc="cluster", unit="batch", file=sys.stderr,
-                      leave=False, disable=None):
+    for start in progress.bar(range(0, len(docs), PREDICT_BATCH), desc="cluster", unit="batch", leave=False,
+                              disable=None):
         labels[start:start + PREDICT_BATCH] = clusterer.predict([d.text for d in docs[start:start + PREDICT_BATCH]])
     clusterer.save(ctx.output("data") / "cluster")
     ctx.log(f"[data] clustered {len(docs)} documents into {ccfg.k} shards (fitted on {len(fit_texts)}, svd "
