@@ -25,7 +25,9 @@ It runs in a subprocess with glibc's allocator tuned as the specialize stage tun
 tune_cpu_allocator``: every method in the process benefits, so the comparison is like for like);
 ``--allocator default`` or ``both`` also runs it with the default allocator (what a hand loop or TRL gets unless the
 user tunes it) and prints the "as shipped" ratios across the two processes. ``--precision bf16`` runs all three
-under bf16 autocast; ``--vocab`` / ``--batch`` / ``--block`` change the shapes (the KD loss's share grows with V).
+under bf16 autocast, with the teacher in bf16 as the stage loads it (``--teacher-dtype fp32``: an fp32 teacher
+that autocast re-casts per forward); ``--vocab`` / ``--batch`` / ``--block`` change the shapes (the KD loss's share
+grows with V).
 ``--compile`` adds (a') ours with ``specialize.compile`` (torch.compile of the student's and the teacher's
 decoders) and (c') TRL with ``torch_compile=True`` (the Trainer compiles the student); their compilation falls in
 the untimed warm-up round.
@@ -378,6 +380,8 @@ def child(args: argparse.Namespace) -> dict:
     blocks = rng.integers(0, vocab, (max(sz["blocks"], batch * (args.warmup + args.steps + 1)), block),
                           dtype=np.int64)
     teacher = frozen(model_of(sz["teacher"], vocab, block, seed=1))
+    if amp == torch.bfloat16 and args.teacher_dtype == "auto":  # as the stage's load_teacher; the same for all
+        teacher.to(torch.bfloat16)
     methods = ("ours", "hand", "trl") + (("ours+compile", "trl+compile") if args.compile else ())
     students = {m: model_of(sz["student"], vocab, block, seed=2) for m in methods}
     gkd = import_gkd()
@@ -419,6 +423,7 @@ def child(args: argparse.Namespace) -> dict:
         peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
         say("  matmul peak (square, 2048-4096): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
         result = {"allocator": args.child, "tuned": tuned, "precision": args.precision, "shape": args.shape,
+                  "teacher_dtype": str(next(teacher.parameters()).dtype),
                   "peak_flops": peaks, "step_flops": step_flops(students["ours"], teacher, batch, block),
                   "threads": torch.get_num_threads(), "sizes": sz,
                   "params": {"teacher": n_params(teacher), "student": n_params(students["ours"])},
@@ -437,10 +442,14 @@ def child(args: argparse.Namespace) -> dict:
 
 def cache_vs_online(teacher_shape, sz: dict, blocks, args: argparse.Namespace, root: Path, say) -> dict:
     """(d): one epoch's worth of our steps, online teacher vs teacher cache (interleaved rounds), and the build."""
+    import torch
+
     from downscale.teacher_cache import TeacherCache, build_teacher_cache
 
     vocab, block, batch = sz["vocab"], sz["block"], sz["batch"]
     teacher = frozen(model_of(teacher_shape, vocab, block, seed=3))
+    if amp_dtype(args.precision) == torch.bfloat16 and args.teacher_dtype == "auto":  # as the stage loads it
+        teacher.to(torch.bfloat16)
     epoch_steps = len(blocks) // batch
     path = root / f"cache-{teacher_shape[0]}x{teacher_shape[1]}"
     t0 = time.perf_counter()
@@ -485,7 +494,8 @@ def report(res: dict) -> dict:
              "trl": "(c) TRL GKDTrainer (beta=0, lmbda=0)", "ours+compile": "(a') ours, specialize.compile",
              "trl+compile": "(c') TRL GKDTrainer, torch_compile=True"}
     print(f"\nSpecialize training throughput, {res['allocator']} allocator ({res['threads']} threads, "
-          f"{res['precision']} on the CPU, vocab {res['sizes']['vocab']}, "
+          f"{res['precision']} on the CPU, teacher weights {res.get('teacher_dtype', '?')}, "
+          f"vocab {res['sizes']['vocab']}, "
           f"teacher {res['params']['teacher']:,} / student {res['params']['student']:,} params, "
           f"{res['tokens_per_step']} tokens per step; median of {res['rounds']} interleaved rounds of "
           f"{res['timed_steps']} timed steps after {res['warmup_steps']} warm-up)")
@@ -547,6 +557,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="glibc allocator settings to run, each in its own process (default: tuned, as the stage)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="fp32, or bf16 autocast for all three methods (TRL: bf16=True)")
+    ap.add_argument("--teacher-dtype", choices=("auto", "fp32"), default="auto",
+                    help="auto: the teacher as the specialize stage loads it (bf16 under bf16 autocast), given to all "
+                         "three methods; fp32: an fp32 teacher that autocast re-casts per forward (runs before "
+                         "2026-12-07 evening)")
     ap.add_argument("--shape", choices=("demo", "real"), default="demo",
                     help="demo: small LLaMAs (teacher 256 x 4, student 192 x 4, vocab 8192); real: SmolLM2-135M's "
                          "shape as the teacher and the 0.6 student compress cuts from it (vocab 49,152)")
@@ -573,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--child", alloc, "--rounds", str(args.rounds), "--steps", str(args.steps),
                "--warmup", str(args.warmup)]
         cmd += (["--quick"] if args.quick else []) + (["--threads", str(args.threads)] if args.threads else [])
-        cmd += ["--precision", args.precision, "--shape", args.shape]
+        cmd += ["--precision", args.precision, "--shape", args.shape, "--teacher-dtype", args.teacher_dtype]
         cmd += [f"--{k}={getattr(args, k)}" for k in ("vocab", "batch", "block") if getattr(args, k)]
         cmd += [] if (args.cache and alloc == allocators[0]) else ["--no-cache"]
         cmd += ["--compile"] if args.compile else []
