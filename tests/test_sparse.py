@@ -166,6 +166,27 @@ def test_fast_path_generation_equals_the_students_one_by_one(top_k):
     assert sorted(counts[True]["sequences_routed"]) != [0, 0, 0] and sum(counts[True]["sequences_routed"]) == 3 * top_k
 
 
+def test_selected_student_is_kept_and_follows_changes_of_its_head():
+    """The stack of one that sparse decoding selects is made once per student (its head copy is 90 MB at SmolLM2's
+    size), and made again when the head changed in place: generation then equals the one-by-one path again."""
+    students = _students()
+    ens = EnsembleModel(students, mode="sparse", prior=PRIOR, sparse_top_k=1)
+    stack = ens._stacked()
+    first = stack.select(1)
+    assert stack.select(1) is first and stack.select(0) is not first
+    ids = _ids(B=2, T=9, seed=31)
+    before = ens.generate(ids, max_new_tokens=5, eos_token_id=None)
+    assert stack.select(1) is first  # generation reuses it
+    with torch.no_grad():
+        students[1].lm_head.weight.mul_(1.5)  # tied: the embedding too, through the stack's storage
+    again = stack.select(1)
+    assert again is not first and torch.equal(again.head_vnd[:, 0], students[1].lm_head.weight)
+    after = ens.generate(ids, max_new_tokens=5, eos_token_id=None)
+    ens.fast = False
+    assert torch.equal(after, ens.generate(ids, max_new_tokens=5, eos_token_id=None))
+    assert before.shape == after.shape
+
+
 class _WordTokenizer:
     """decode() gives one word per id, enough for the cluster router."""
 

@@ -206,13 +206,19 @@ class StackedStudents:
             self._head_params = heads
             self.embed = None if self.tied else _stack([embeds])  # [n, V, d]; tied: the head is the embedding
         self._head_cast: tuple[tuple, torch.Tensor] | None = None  # (key of _head, head_vnd in that dtype)
+        self._selected: dict[int, tuple[tuple, StackedStudents]] = {}  # i -> (key of the head, select(i))
 
     def select(self, i: int) -> StackedStudents:
         """Student ``i`` alone as a stack of one, running the same lean decoder (the sparse mode decodes with the
         chosen student only). Its decoder weights are views of this stack (no copy); its output head is one
-        contiguous [V, 1, d] copy, made here, because a product with its strided view of the [V, n, d] stack ran
-        2.8x slower per decoded token (hidden 256, V = 8192, 2 CPU threads). Only for inference: the copy does not
-        follow later changes to the head."""
+        contiguous [V, 1, d] copy, because a product with its strided view of the [V, n, d] stack ran 2.8x slower
+        per decoded token (hidden 256, V = 8192, 2 CPU threads). The copy is made once and kept (every ``generate``
+        call of the sparse mode selects again; at SmolLM2's V = 49,152 x 456 it is 90 MB): made again when the head
+        changed in place (through the stack or the student's own parameter). For inference."""
+        key = (self.head_vnd._version, self._head_params[i]._version)
+        kept = self._selected.get(i)
+        if kept is not None and kept[0] == key:
+            return kept[1]
         one = object.__new__(StackedStudents)
         one.__dict__.update(self.__dict__)
         one.n = 1
@@ -222,6 +228,8 @@ class StackedStudents:
         one._head_params = [self._head_params[i]]
         one.embed = None if self.embed is None else self.embed[i:i + 1]
         one._head_cast = None
+        one._selected = {}
+        self._selected[i] = (key, one)
         return one
 
     # ------------------------------------------------------------------ pieces
