@@ -159,13 +159,28 @@ def test_taylor_scores_match_a_plain_autograd_reference():
     scores = calibration_scores(model, blocks, "taylor", 2, torch.device("cpu"))
     assert all(p.grad is None for p in model.parameters())  # every gradient was reduced and freed
     ref = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    removal = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64)
     for start in (0, 2):
         x = torch.as_tensor(blocks[start:start + 2])
         model.zero_grad()
+        seen = []
+
+        def keep(module, args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            out.retain_grad()
+            seen.append((args[0], out))
+
+        hooks = [layer.register_forward_hook(keep) for layer in model.model.layers]
         logits = model(input_ids=x).logits
+        for h in hooks:
+            h.remove()
         torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
         for name, p in model.named_parameters():
             ref[name] += (p.grad * p.detach()).abs()
+        for i, (h_in, h_out) in enumerate(seen):  # removing layer i's update, first order, token by token
+            removal[i] += (h_out.grad * (h_out - h_in).detach()).sum(-1).abs().sum().double()
+    # a layer's score: the first-order change of the loss if its residual update were removed, per token
+    torch.testing.assert_close(scores.layers, removal, rtol=1e-4, atol=1e-9)
     layer = "model.layers.1."
     mlp = ref[layer + "mlp.gate_proj.weight"].sum(1) + ref[layer + "mlp.up_proj.weight"].sum(1) + \
         ref[layer + "mlp.down_proj.weight"].sum(0)
