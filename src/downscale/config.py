@@ -294,7 +294,8 @@ class CompressConfig(_Section):
     shape: ShapeConfig = Field(default_factory=ShapeConfig, description="Explicit shape (overrides the planner).")
     importance: Literal["magnitude", "activation", "taylor", "random"] = Field(
         "activation", description="Channel/head/layer scores: mean |activation| on calibration data (Minitron), "
-                                  "first-order Taylor |grad x weight| on calibration data, weight magnitude (can "
+                                  "first-order Taylor |grad x weight| on calibration data (a layer: the first-order "
+                                  "loss change of removing its residual update), weight magnitude (can "
                                   "be worse than random on trained LLMs: it ignores the scale of the inputs), or "
                                   "random (seeded; a baseline)."
     )
