@@ -154,23 +154,40 @@ def test_select_units_head_modes():
 
 
 def test_taylor_scores_match_a_plain_autograd_reference():
+    """Hidden channels: |grad x weight| summed over the weights they own; MLP channels, query heads and layers: the
+    first-order change of the loss if the unit's output were removed, token by token (|g x a| of a down_proj input
+    channel, |<g, o_h>| of a head's slice of the o_proj input, |<dL/dh_out, h_out - h_in>| of a layer's update)."""
     model = tiny_model("qwen2", **{**SMALL, "tied": True})
     blocks = _blocks(4, 12)
     scores = calibration_scores(model, blocks, "taylor", 2, torch.device("cpu"))
     assert all(p.grad is None for p in model.parameters())  # every gradient was reduced and freed
     ref = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
-    removal = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64)
+    n_layers = model.config.num_hidden_layers
+    removal = torch.zeros(n_layers, dtype=torch.float64)
+    mlp = torch.zeros(n_layers, model.config.intermediate_size, dtype=torch.float64)
+    heads = torch.zeros(n_layers, model.config.num_attention_heads, dtype=torch.float64)
+    seen, inputs = [], {}
     for start in (0, 2):
         x = torch.as_tensor(blocks[start:start + 2])
         model.zero_grad()
-        seen = []
+        seen.clear()
+        inputs.clear()
 
         def keep(module, args, out):
             out = out[0] if isinstance(out, tuple) else out
             out.retain_grad()
             seen.append((args[0], out))
 
+        def keep_input(key):
+            def hook(module, args):
+                args[0].retain_grad()
+                inputs[key] = args[0]
+            return hook
+
         hooks = [layer.register_forward_hook(keep) for layer in model.model.layers]
+        for i, layer in enumerate(model.model.layers):
+            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(keep_input(("mlp", i))))
+            hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(keep_input(("heads", i))))
         logits = model(input_ids=x).logits
         for h in hooks:
             h.remove()
@@ -179,16 +196,22 @@ def test_taylor_scores_match_a_plain_autograd_reference():
             ref[name] += (p.grad * p.detach()).abs()
         for i, (h_in, h_out) in enumerate(seen):  # removing layer i's update, first order, token by token
             removal[i] += (h_out.grad * (h_out - h_in).detach()).sum(-1).abs().sum().double()
-    # a layer's score: the first-order change of the loss if its residual update were removed, per token
+            a = inputs[("mlp", i)]
+            mlp[i] += (a.grad * a.detach()).abs().sum((0, 1)).double()
+            o = inputs[("heads", i)]
+            heads[i] += (o.grad * o.detach()).view(2, 12, 8, 8).sum(-1).abs().sum((0, 1)).double()
     torch.testing.assert_close(scores.layers, removal, rtol=1e-4, atol=1e-9)
-    layer = "model.layers.1."
-    mlp = ref[layer + "mlp.gate_proj.weight"].sum(1) + ref[layer + "mlp.up_proj.weight"].sum(1) + \
-        ref[layer + "mlp.down_proj.weight"].sum(0)
-    torch.testing.assert_close(scores.mlp[1].float(), mlp, rtol=1e-4, atol=1e-7)
-    q = ref[layer + "self_attn.q_proj.weight"].view(8, 8, -1).sum((1, 2)) + \
-        ref[layer + "self_attn.q_proj.bias"].view(8, 8).sum(1) + \
-        ref[layer + "self_attn.o_proj.weight"].view(64, 8, 8).sum((0, 2))
-    torch.testing.assert_close(scores.heads[1].float(), q, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(scores.mlp, mlp, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(scores.heads, heads, rtol=1e-4, atol=1e-9)
+    assert not scores.kv.any()  # KV groups are scored by their query heads
+    hidden = sum(ref[f"model.layers.{i}.{w}"].sum(0) for i in range(n_layers)
+                 for w in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                           "mlp.gate_proj.weight", "mlp.up_proj.weight"))
+    hidden = hidden + sum(ref[f"model.layers.{i}.{w}"].sum(1) for i in range(n_layers)
+                          for w in ("self_attn.o_proj.weight", "mlp.down_proj.weight"))
+    hidden = hidden + sum(ref[n] for n in ref if n.endswith("layernorm.weight") or n == "model.norm.weight")
+    hidden = hidden + ref["model.embed_tokens.weight"].sum(0)
+    torch.testing.assert_close(scores.hidden.float(), hidden, rtol=1e-4, atol=1e-7)
 
 
 def test_activation_scores_match_a_plain_reference():

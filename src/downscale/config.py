@@ -294,8 +294,9 @@ class CompressConfig(_Section):
     shape: ShapeConfig = Field(default_factory=ShapeConfig, description="Explicit shape (overrides the planner).")
     importance: Literal["magnitude", "activation", "taylor", "random"] = Field(
         "activation", description="Channel/head/layer scores: mean |activation| on calibration data (Minitron), "
-                                  "first-order Taylor |grad x weight| on calibration data (a layer: the first-order "
-                                  "loss change of removing its residual update), weight magnitude (can "
+                                  "first-order Taylor on calibration data (MLP channels, heads, layers: the loss "
+                                  "change of removing the unit's output, token by token; hidden channels: "
+                                  "|grad x weight|), weight magnitude (can "
                                   "be worse than random on trained LLMs: it ignores the scale of the inputs), or "
                                   "random (seeded; a baseline)."
     )

@@ -11,11 +11,13 @@ Three methods (``compress.importance``):
 - ``taylor``: first-order Taylor, sum over calibration batches of |grad x weight| over every weight
   slice a unit owns (the gradient of the mean next-token loss). Each gradient is reduced to unit
   scores the moment it is accumulated and then freed, so an 8B model never holds a full gradient.
-  A layer's score is the first-order estimate of removing it: the sum over tokens of
-  |<dL/d h_out, h_out - h_in>| (its residual update against the gradient that reaches its output), not the sum
-  of |grad x weight| over its weights, which on SmolLM2-135M ranked the last layers (21, 24-28) least important:
-  cutting 30 -> 24 layers by it gave a held-out loss of 14.6 nats, by this estimate 3.27 (by the activation
-  method's block influence 3.31; BENCHMARKS.md "Taylor importance on the real model").
+  MLP channels, query heads and layers are scored instead by the first-order estimate of removing the unit's
+  output, token by token, summed over tokens (``_Removal``): |g x a| of an MLP channel's down_proj input,
+  |<g, o_h>| of a head's slice of the o_proj input, |<dL/d h_out, h_out - h_in>| of a layer's residual update
+  (KV groups then use their query heads, as with activation). On SmolLM2-135M the weight sums ranked the last
+  layers (21, 24-28) least important (30 -> 24 layers: held-out loss 14.6 nats; by the removal estimate 3.27, by
+  the activation method's block influence 3.31) and cut MLP channels worse (MLP-only 0.6: 5.70 vs 4.87);
+  BENCHMARKS.md "Taylor importance on the real model". Hidden channels keep the |grad x weight| sums.
 
 - ``random``: seeded uniform random scores for every unit (a baseline: what a real method buys over it).
 
@@ -77,12 +79,16 @@ def _head_dim(model) -> int:
     return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
 
-def _accumulate(scores: Scores, name: str, t: torch.Tensor, head_dim: int, layers: bool = True) -> None:
-    """Add the element scores ``t`` (same shape as parameter ``name``) to the units that own them (``layers``:
-    also to the layer's score)."""
+def _accumulate(scores: Scores, name: str, t: torch.Tensor, head_dim: int,
+                units: tuple[str, ...] = ("mlp", "heads", "kv", "hidden", "layers")) -> None:
+    """Add the element scores ``t`` (same shape as parameter ``name``) to those of the ``units`` that own them."""
     layer, leaf = parse_name(name)
+    if not any(u in units for u in RULES[leaf]) and "layers" not in units:
+        return
     t = t.float()
     for unit, axis in RULES[leaf].items():
+        if unit not in units:
+            continue
         other = [d for d in range(t.dim()) if d != axis]
         vec = (t.sum(dim=other) if other else t).double().cpu()
         if unit in ("heads", "kv"):
@@ -91,7 +97,7 @@ def _accumulate(scores: Scores, name: str, t: torch.Tensor, head_dim: int, layer
             scores.hidden += vec
         else:
             getattr(scores, unit)[layer] += vec
-    if layers and layer is not None:
+    if "layers" in units and layer is not None:
         scores.layers[layer] += float(t.sum())
 
 
@@ -190,20 +196,47 @@ class _Hooks:
             h.remove()
 
 
-class _LayerRemoval:
-    """Taylor's layer scores: per decoder layer, the sum over tokens of |<dL/d h_out, h_out - h_in>|, the
-    first-order change of the loss at each token if the layer's residual update were removed. Forward hooks keep
-    each layer's update (detached) and hook the gradient that reaches its output; the sums stay on the model's
-    device until ``flush``."""
+class _Removal:
+    """Taylor's scores of MLP channels, query heads and layers: the first-order change of the loss, token by token,
+    if the unit's output were removed, summed over tokens: per MLP channel |g x a| of its down_proj input a, per
+    query head |<g, o_h>| of its slice o_h of the o_proj input, per layer |<dL/d h_out, h_out - h_in>| (its residual
+    update). Forward hooks keep each input (detached) and hook the gradient that reaches it; the sums stay on the
+    model's device until ``flush``."""
 
-    def __init__(self, model):
-        layers = model.get_decoder().layers
-        self.sums: torch.Tensor | None = None
-        self.n = len(layers)
-        self.handles = [layer.register_forward_hook(self._forward(i), with_kwargs=True)
-                        for i, layer in enumerate(layers)]
+    def __init__(self, model, head_dim: int):
+        c = model.config
+        self.shapes = {"mlp": (c.num_hidden_layers, c.intermediate_size),
+                       "heads": (c.num_hidden_layers, c.num_attention_heads), "layers": (c.num_hidden_layers,)}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.head_dim = head_dim
+        self.handles = []
+        for i, layer in enumerate(model.get_decoder().layers):
+            self.handles.append(layer.register_forward_hook(self._layer(i), with_kwargs=True))
+            self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._input(i, "mlp")))
+            self.handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._input(i, "heads")))
 
-    def _forward(self, i: int):
+    def _add(self, unit: str, i: int, v: torch.Tensor) -> None:
+        if unit not in self.sums:
+            self.sums[unit] = torch.zeros(self.shapes[unit], dtype=torch.float64, device=v.device)
+        self.sums[unit][i] += v
+
+    def _input(self, i: int, unit: str):
+        def hook(module, args):
+            x = args[0]
+            if not x.requires_grad:
+                return
+            kept = x.detach()
+
+            def on_grad(g):
+                prod = g.float() * kept.float()  # [B, T, C]
+                if unit == "heads":
+                    prod = prod.view(*prod.shape[:-1], -1, self.head_dim).sum(-1)  # [B, T, H]
+                self._add(unit, i, prod.abs().flatten(0, -2).sum(0, dtype=torch.float64))
+
+            x.register_hook(on_grad)
+        return hook
+
+    def _layer(self, i: int):
         def hook(module, args, kwargs, out):
             h_in = args[0] if args else kwargs["hidden_states"]
             h_out = out[0] if isinstance(out, tuple) else out
@@ -212,15 +245,14 @@ class _LayerRemoval:
             update = (h_out - h_in).detach()
 
             def on_grad(g):
-                if self.sums is None:
-                    self.sums = torch.zeros(self.n, dtype=torch.float64, device=g.device)
-                self.sums[i] += (g.float() * update.float()).sum(-1).abs().sum(dtype=torch.float64)
+                self._add("layers", i, (g.float() * update.float()).sum(-1).abs().sum(dtype=torch.float64))
 
             h_out.register_hook(on_grad)
         return hook
 
-    def flush(self) -> torch.Tensor:
-        return torch.zeros(self.n, dtype=torch.float64) if self.sums is None else self.sums.cpu()
+    def flush(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.sums[u].cpu() if u in self.sums else torch.zeros(self.shapes[u], dtype=torch.float64)
+                     for u in ("mlp", "heads", "layers"))
 
 
 def calibration_batches(blocks: np.ndarray, batch_size: int, device: torch.device, desc: str):
@@ -262,11 +294,11 @@ def calibration_scores(model, blocks: np.ndarray, method: str, batch_size: int, 
             p.requires_grad_(True)
 
             def on_grad(param, name=name):
-                _accumulate(taylor, name, (param.grad.float() * param.detach().float()).abs(), hd, layers=False)
+                _accumulate(taylor, name, (param.grad.float() * param.detach().float()).abs(), hd, units=("hidden",))
                 param.grad = None  # freed at once: never a full set of gradients in memory
 
             grad_hooks.append(p.register_post_accumulate_grad_hook(on_grad))
-        removal = _LayerRemoval(model)
+        removal = _Removal(model, hd)
         grad_hooks.extend(removal.handles)
     tokens = 0
     try:
@@ -303,7 +335,7 @@ def calibration_scores(model, blocks: np.ndarray, method: str, batch_size: int, 
         out = act
     elif method == "taylor":
         out = taylor
-        out.layers = removal.flush()
+        out.mlp, out.heads, out.layers = removal.flush()
     elif method == "random":
         out = random_scores(model, seed)
     else:

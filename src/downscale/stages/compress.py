@@ -483,8 +483,8 @@ def _score_key(fingerprints: dict, c, shards: list[str], n_blocks: int, seed: in
                "batch_size": c.calibration_batch_size}
     if c.importance == "random":  # drawn per student
         payload["student"] = student
-    if c.importance == "taylor":  # its layer scores were |grad x weight| sums before; those caches are not reused
-        payload["taylor_layers"] = "removal"
+    if c.importance == "taylor":  # MLP, head and layer scores were |grad x weight| sums before: not reused
+        payload["taylor"] = "removal of mlp channels, heads, layers"
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
