@@ -83,12 +83,11 @@ def _accumulate(scores: Scores, name: str, t: torch.Tensor, head_dim: int,
                 units: tuple[str, ...] = ("mlp", "heads", "kv", "hidden", "layers")) -> None:
     """Add the element scores ``t`` (same shape as parameter ``name``) to those of the ``units`` that own them."""
     layer, leaf = parse_name(name)
-    if not any(u in units for u in RULES[leaf]) and "layers" not in units:
+    owners = {u: axis for u, axis in RULES[leaf].items() if u in units}
+    if not owners and "layers" not in units:
         return
     t = t.float()
-    for unit, axis in RULES[leaf].items():
-        if unit not in units:
-            continue
+    for unit, axis in owners.items():
         other = [d for d in range(t.dim()) if d != axis]
         vec = (t.sum(dim=other) if other else t).double().cpu()
         if unit in ("heads", "kv"):
